@@ -1,0 +1,99 @@
+"""Which array module holds a tensor's data, and moving arrays between devices.
+
+NumPy is the reference backend ("cpu"); CuPy is the GPU backend ("cuda").
+Following Chainer, every op asks its inputs for their array module
+(``xp = get_array_module(x)``) so one code path serves both devices.
+CuPy is imported lazily: ``import minirlhf`` works without it, and with it
+installed on a machine that has no GPU.
+"""
+import numpy as np
+
+_cupy = None
+_cupy_checked = False
+
+
+def cupy_or_none():
+    """The ``cupy`` module if it is installed and sees a GPU, else None."""
+    global _cupy, _cupy_checked
+    if not _cupy_checked:
+        _cupy_checked = True
+        try:
+            import cupy
+            if cupy.cuda.runtime.getDeviceCount() > 0:
+                _cupy = cupy
+        except Exception:  # not installed, no driver, or no device
+            _cupy = None
+    return _cupy
+
+
+def gpu_available():
+    return cupy_or_none() is not None
+
+
+def is_cupy_array(a):
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def get_array_module(x):
+    """``numpy`` or ``cupy``, whichever holds ``x`` (a Tensor or an array)."""
+    data = getattr(x, "data", x)
+    if is_cupy_array(data):
+        return cupy_or_none() or __import__("cupy")
+    return np
+
+
+def device_of(a):
+    return "cuda" if is_cupy_array(a) else "cpu"
+
+
+def check_device(device):
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not gpu_available():
+        raise RuntimeError("device 'cuda' requested, but cupy is not installed or sees no GPU "
+                           "(pip install 'minirlhf[gpu]' on a machine with an NVIDIA GPU)")
+    return device
+
+
+def to_device(a, device):
+    """Copy array ``a`` to ``device`` ("cpu" or "cuda"); no copy if it is already there."""
+    check_device(device)
+    if device_of(a) == device:
+        return a
+    if device == "cuda":
+        return cupy_or_none().asarray(a)
+    return a.get()
+
+
+def xp_for(device):
+    return cupy_or_none() if check_device(device) == "cuda" else np
+
+
+def to_numpy(a):
+    return a.get() if is_cupy_array(a) else np.asarray(a)
+
+
+def scatter_add(target, index, values):
+    """``target[index] += values`` where repeated indices accumulate (np.add.at)."""
+    if is_cupy_array(target):
+        import cupyx
+        cupyx.scatter_add(target, index, values)
+    else:
+        np.add.at(target, index, values)
+
+
+_generators = {}
+
+
+def manual_seed(seed):
+    """Seed the generators behind dropout and default parameter initialisation."""
+    _generators.clear()
+    _generators["seed"] = int(seed)
+
+
+def generator(device="cpu"):
+    """The global random generator of ``device`` (seeded by :func:`manual_seed`)."""
+    if device not in _generators:
+        seed = _generators.get("seed", 0)
+        _generators[device] = xp_for(device).random.default_rng(seed)
+    return _generators[device]

@@ -1,0 +1,675 @@
+"""Differentiable ops. Each op computes its forward and, right below it, the
+``backward(g)`` closure that maps the output gradient ``g`` to one gradient
+per input (the engine sums them back over broadcast axes).
+
+Axes are spelled ``axis`` (NumPy's word for PyTorch's ``dim``); otherwise the
+names and call shapes follow ``torch.nn.functional``.
+"""
+import builtins
+import math
+import numbers
+
+import numpy as np
+
+from . import backend
+from .tensor import Tensor
+
+
+# ---------------------------------------------------------------- helpers
+def _tensor(x, like, op):
+    """``x`` as a Tensor on ``like``'s device. Constants (numbers, arrays) take ``like``'s
+    float dtype, so a float64 graph stays float64 and a float32 one float32."""
+    if isinstance(x, Tensor):
+        if x.device != like.device:
+            raise RuntimeError(f"{op}: inputs are on different devices ({like.device} and {x.device}); "
+                               "move one with .to(device) first")
+        return x
+    if not (isinstance(x, np.ndarray) or backend.is_cupy_array(x)):
+        x = np.asarray(x)
+    if backend.device_of(x) != like.device:
+        raise RuntimeError(f"{op}: got a {backend.device_of(x)} array with a {like.device} tensor; "
+                           "move one with .to(device) first")
+    if like.dtype.kind == "f":
+        dtype = like.dtype
+    else:
+        dtype = None if x.dtype.kind == "f" else x.dtype
+    return Tensor(like.xp.asarray(x), dtype=dtype)
+
+
+def _pair(a, b, op):
+    if not isinstance(a, Tensor):
+        a = _tensor(a, b, op)
+    b = _tensor(b, a, op)
+    try:
+        np.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        raise ValueError(f"{op}: cannot broadcast shapes {a.shape} and {b.shape}; expected each trailing "
+                         "dimension to be equal or 1") from None
+    return a, b
+
+
+def _int_index(ids, op, name="index"):
+    data = ids.data if isinstance(ids, Tensor) else ids
+    if not (isinstance(data, np.ndarray) or backend.is_cupy_array(data)):
+        data = np.asarray(data)
+    if data.dtype.kind not in "iu":
+        raise TypeError(f"{op}: {name} must be an integer array, got dtype {data.dtype}")
+    return data
+
+
+def _normalize_axis(axis, ndim):
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
+    return tuple(a % ndim for a in axes)
+
+
+# -------------------------------------------------------------- arithmetic
+def add(a, b):
+    a, b = _pair(a, b, "add")
+    return Tensor._from_op(a.data + b.data, (a, b), lambda g: (g, g), "add")
+
+
+def sub(a, b):
+    a, b = _pair(a, b, "sub")
+    return Tensor._from_op(a.data - b.data, (a, b), lambda g: (g, -g), "sub")
+
+
+def mul(a, b):
+    a, b = _pair(a, b, "mul")
+
+    def backward(g):
+        return (g * b.data if a.requires_grad else None,
+                g * a.data if b.requires_grad else None)
+    return Tensor._from_op(a.data * b.data, (a, b), backward, "mul")
+
+
+def div(a, b):
+    a, b = _pair(a, b, "div")
+    out = a.data / b.data
+
+    def backward(g):
+        return (g / b.data if a.requires_grad else None,
+                -g * out / b.data if b.requires_grad else None)
+    return Tensor._from_op(out, (a, b), backward, "div")
+
+
+def neg(a):
+    return Tensor._from_op(-a.data, (a,), lambda g: (-g,), "neg")
+
+
+def pow(a, exponent):
+    """a ** exponent; d/da = p a^(p-1), d/dp = a^p log a."""
+    if isinstance(exponent, numbers.Number) and isinstance(a, Tensor):
+        p = exponent
+        out = a.data ** p
+        return Tensor._from_op(out, (a,), lambda g: (g * p * a.data ** (p - 1),), "pow")
+    a, b = _pair(a, exponent, "pow")
+    out = a.data ** b.data
+
+    def backward(g):
+        xp = a.xp
+        return (g * b.data * a.data ** (b.data - 1) if a.requires_grad else None,
+                g * out * xp.log(xp.where(a.data > 0, a.data, 1)) if b.requires_grad else None)
+    return Tensor._from_op(out, (a, b), backward, "pow")
+
+
+def matmul(a, b):
+    """a @ b, batched and broadcast over leading axes (1-d inputs as in NumPy)."""
+    if not isinstance(a, Tensor):
+        a = _tensor(a, b, "matmul")
+    b = _tensor(b, a, "matmul")
+    if a.ndim == 0 or b.ndim == 0:
+        raise ValueError(f"matmul: inputs must have at least 1 dimension, got shapes {a.shape} and {b.shape}")
+    ka = a.shape[-1]
+    kb = b.shape[-2] if b.ndim > 1 else b.shape[0]
+    if ka != kb:
+        raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not align: a.shape[-1]={ka} must equal "
+                         f"b.shape[-2]={kb}")
+    try:
+        np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except ValueError:
+        raise ValueError(f"matmul: batch shapes {a.shape[:-2]} and {b.shape[:-2]} of inputs {a.shape} and "
+                         f"{b.shape} cannot broadcast") from None
+    xp = a.xp
+
+    def backward(g):
+        A = a.data[None, :] if a.ndim == 1 else a.data
+        B = b.data[:, None] if b.ndim == 1 else b.data
+        G = g
+        if a.ndim == 1:
+            G = G[..., None, :] if b.ndim > 1 else G[None]
+        if b.ndim == 1:
+            G = G[..., None]
+        ga = xp.matmul(G, xp.swapaxes(B, -1, -2)) if a.requires_grad else None
+        gb = xp.matmul(xp.swapaxes(A, -1, -2), G) if b.requires_grad else None
+        if ga is not None and a.ndim == 1:
+            ga = ga.reshape(-1, a.shape[0]).sum(0)
+        if gb is not None and b.ndim == 1:
+            gb = gb.reshape(-1, b.shape[0]).sum(0)
+        return ga, gb
+    return Tensor._from_op(xp.matmul(a.data, b.data), (a, b), backward, "matmul")
+
+
+# -------------------------------------------------------------- reductions
+def sum(x, axis=None, keepdims=False):
+    xp = x.xp
+    axes = _normalize_axis(axis, x.ndim)
+
+    def backward(g):
+        if not keepdims:
+            g = xp.expand_dims(g, axes)
+        return (xp.broadcast_to(g, x.shape),)
+    return Tensor._from_op(x.data.sum(axis=axes, keepdims=keepdims), (x,), backward, "sum")
+
+
+def mean(x, axis=None, keepdims=False):
+    axes = _normalize_axis(axis, x.ndim)
+    n = math.prod(x.shape[a] for a in axes)
+    return sum(x, axes, keepdims) * (1.0 / builtins.max(n, 1))
+
+
+def max(x, axis=None, keepdims=False):
+    """Maximum along ``axis`` (like torch.amax: tied maxima share the gradient evenly)."""
+    xp = x.xp
+    axes = _normalize_axis(axis, x.ndim)
+    if any(x.shape[a] == 0 for a in axes):
+        raise ValueError(f"max: cannot reduce over an empty axis of shape {x.shape}")
+    m = x.data.max(axis=axes, keepdims=True)
+
+    def backward(g):
+        if not keepdims:
+            g = xp.expand_dims(g, axes)
+        is_max = (x.data == m)
+        return (g * is_max / is_max.sum(axis=axes, keepdims=True),)
+    out = m if keepdims else m.squeeze(axis=axes)
+    return Tensor._from_op(out, (x,), backward, "max")
+
+
+def logsumexp(x, axis=-1, keepdims=False):
+    """log Σ exp(x) along ``axis``, with the maximum subtracted first (finite for |x| up to 1e10)."""
+    xp = x.xp
+    axes = _normalize_axis(axis, x.ndim)
+    m = x.data.max(axis=axes, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0)
+    e = xp.exp(x.data - m)
+    s = e.sum(axis=axes, keepdims=True)
+    out = xp.log(s) + m
+
+    def backward(g):
+        if not keepdims:
+            g = xp.expand_dims(g, axes)
+        return (g * e / s,)
+    return Tensor._from_op(out if keepdims else out.squeeze(axis=axes), (x,), backward, "logsumexp")
+
+
+# ------------------------------------------------------------- elementwise
+def exp(x):
+    out = x.xp.exp(x.data)
+    return Tensor._from_op(out, (x,), lambda g: (g * out,), "exp")
+
+
+def log(x):
+    return Tensor._from_op(x.xp.log(x.data), (x,), lambda g: (g / x.data,), "log")
+
+
+def sqrt(x):
+    out = x.xp.sqrt(x.data)
+    return Tensor._from_op(out, (x,), lambda g: (g * 0.5 / out,), "sqrt")
+
+
+def abs(x):
+    xp = x.xp
+    return Tensor._from_op(xp.abs(x.data), (x,), lambda g: (g * xp.sign(x.data),), "abs")
+
+
+def tanh(x):
+    out = x.xp.tanh(x.data)
+    return Tensor._from_op(out, (x,), lambda g: (g * (1 - out * out),), "tanh")
+
+
+def _sigmoid(xp, z):
+    """σ(z) = 1/(1+e^-z) without overflow: e^-|z| is always <= 1."""
+    e = xp.exp(-xp.abs(z))
+    return xp.where(z >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def sigmoid(x):
+    out = _sigmoid(x.xp, x.data)
+    return Tensor._from_op(out, (x,), lambda g: (g * out * (1 - out),), "sigmoid")
+
+
+def log_sigmoid(x):
+    """log σ(x) = min(x, 0) − log(1 + e^−|x|): finite and exact for |x| up to 1e4 and beyond."""
+    xp = x.xp
+    out = xp.minimum(x.data, 0) - xp.log1p(xp.exp(-xp.abs(x.data)))
+    return Tensor._from_op(out, (x,), lambda g: (g * _sigmoid(xp, -x.data),), "log_sigmoid")
+
+
+def softplus(x):
+    """log(1 + e^x) = max(x, 0) + log(1 + e^−|x|)."""
+    xp = x.xp
+    out = xp.maximum(x.data, 0) + xp.log1p(xp.exp(-xp.abs(x.data)))
+    return Tensor._from_op(out, (x,), lambda g: (g * _sigmoid(xp, x.data),), "softplus")
+
+
+def relu(x):
+    return Tensor._from_op(x.xp.maximum(x.data, 0), (x,), lambda g: (g * (x.data > 0),), "relu")
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu(x):
+    """GPT-2's GELU: ½ x (1 + tanh(√(2/π) (x + 0.044715 x³)))."""
+    xp = x.xp
+    d = x.data
+    t = xp.tanh(_GELU_C * (d + 0.044715 * d ** 3))
+    out = 0.5 * d * (1 + t)
+
+    def backward(g):
+        return (g * (0.5 * (1 + t) + 0.5 * d * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * d * d)),)
+    return Tensor._from_op(out, (x,), backward, "gelu")
+
+
+def softmax(x, axis=-1):
+    xp = x.xp
+    z = x.data - x.data.max(axis=axis, keepdims=True)
+    e = xp.exp(z)
+    p = e / e.sum(axis=axis, keepdims=True)
+    return Tensor._from_op(p, (x,), lambda g: (p * (g - (g * p).sum(axis=axis, keepdims=True)),), "softmax")
+
+
+def log_softmax(x, axis=-1):
+    """x − logsumexp(x): the maximum is subtracted first, so logits of ±1e4 stay finite."""
+    xp = x.xp
+    z = x.data - x.data.max(axis=axis, keepdims=True)
+    out = z - xp.log(xp.exp(z).sum(axis=axis, keepdims=True))
+
+    def backward(g):
+        return (g - xp.exp(out) * g.sum(axis=axis, keepdims=True),)
+    return Tensor._from_op(out, (x,), backward, "log_softmax")
+
+
+def astype(x, dtype):
+    """Cast to ``dtype``; the gradient is cast back."""
+    src = x.dtype
+    return Tensor._from_op(x.data.astype(dtype), (x,), lambda g: (g.astype(src),), "astype")
+
+
+def to_device(x, device):
+    src = x.device
+    return Tensor._from_op(backend.to_device(x.data, device), (x,),
+                           lambda g: (backend.to_device(g, src),), "to_device")
+
+
+# ------------------------------------------------------------------ shapes
+def reshape(x, shape):
+    shape = tuple(shape)
+    try:
+        out = x.data.reshape(shape)
+    except ValueError:
+        raise ValueError(f"reshape: cannot reshape shape {x.shape} ({x.size} elements) into {shape}") from None
+    return Tensor._from_op(out, (x,), lambda g: (g.reshape(x.shape),), "reshape")
+
+
+def transpose(x, axis0, axis1):
+    return Tensor._from_op(x.xp.swapaxes(x.data, axis0, axis1), (x,),
+                           lambda g: (x.xp.swapaxes(g, axis0, axis1),), "transpose")
+
+
+def permute(x, axes):
+    axes = tuple(a % x.ndim for a in axes)
+    if sorted(axes) != list(range(x.ndim)):
+        raise ValueError(f"permute: axes {axes} are not a permutation of range({x.ndim}) for shape {x.shape}")
+    inverse = tuple(np.argsort(axes))
+    return Tensor._from_op(x.data.transpose(axes), (x,), lambda g: (g.transpose(inverse),), "permute")
+
+
+def unsqueeze(x, axis):
+    return reshape(x, x.xp.expand_dims(x.data, axis).shape)
+
+
+def squeeze(x, axis):
+    if x.shape[axis] != 1:
+        raise ValueError(f"squeeze: axis {axis} of shape {x.shape} has size {x.shape[axis]}, expected 1")
+    return reshape(x, x.xp.squeeze(x.data, axis).shape)
+
+
+def expand(x, shape):
+    """Broadcast ``x`` to ``shape`` (a view; the gradient is summed back)."""
+    shape = tuple(x.shape[i - len(shape) + x.ndim] if n == -1 else n for i, n in enumerate(shape))
+    try:
+        out = x.xp.broadcast_to(x.data, shape)
+    except ValueError:
+        raise ValueError(f"expand: cannot broadcast shape {x.shape} to {shape}") from None
+    return Tensor._from_op(out, (x,), lambda g: (g,), "expand")
+
+
+def _is_basic_key(key):
+    """True for keys made of ints, slices, None and Ellipsis only (no repeated elements)."""
+    items = key if isinstance(key, tuple) else (key,)
+    return all(k is None or k is Ellipsis or isinstance(k, (slice, numbers.Integral)) for k in items)
+
+
+def index(x, key):
+    """x[key] for ints, slices, None, Ellipsis and integer or boolean arrays.
+
+    Backward scatters ``g`` into zeros; with integer arrays repeated positions accumulate.
+    """
+    items = key if isinstance(key, tuple) else (key,)
+    items = tuple(k.data if isinstance(k, Tensor) else k for k in items)
+    for k in items:
+        if (isinstance(k, np.ndarray) or backend.is_cupy_array(k)) and backend.device_of(k) != x.device:
+            raise RuntimeError(f"index: index array is on {backend.device_of(k)}, tensor on {x.device}")
+        if hasattr(k, "dtype") and k.dtype.kind not in "iub":
+            raise TypeError(f"index: index arrays must be integer or boolean, got dtype {k.dtype}")
+    key = items if isinstance(key, tuple) else items[0]
+    try:
+        out = x.data[key]
+    except IndexError as e:
+        raise IndexError(f"index: {e} (tensor shape {x.shape})") from None
+    basic = _is_basic_key(key)
+
+    def backward(g):
+        grad = x.xp.zeros(x.shape, dtype=g.dtype)
+        if basic:
+            grad[key] = g
+        else:
+            backend.scatter_add(grad, key, g)
+        return (grad,)
+    return Tensor._from_op(out, (x,), backward, "index")
+
+
+def gather(x, axis, index):
+    """out[..., i, ...] = x[..., index[..., i, ...], ...] along ``axis`` (torch.gather, np.take_along_axis)."""
+    idx = _int_index(index, "gather")
+    if backend.device_of(idx) != x.device:
+        raise RuntimeError(f"gather: index is on {backend.device_of(idx)}, input on {x.device}")
+    xp = x.xp
+    axis = axis % x.ndim
+    if idx.size and (idx.min() < -x.shape[axis] or idx.max() >= x.shape[axis]):
+        raise IndexError(f"gather: index values must lie in [0, {x.shape[axis]}) for axis {axis} of shape "
+                         f"{x.shape}, got min {int(idx.min())} max {int(idx.max())}")
+    out = xp.take_along_axis(x.data, idx, axis=axis)
+
+    def backward(g):
+        grad = xp.zeros(x.shape, dtype=g.dtype)
+        full = list(xp.ix_(*[xp.arange(n) for n in idx.shape]))
+        full[axis] = idx
+        backend.scatter_add(grad, tuple(full), g)
+        return (grad,)
+    return Tensor._from_op(out, (x,), backward, "gather")
+
+
+def embedding(ids, weight):
+    """weight[ids]: rows of the embedding table; backward scatter-adds (repeated ids accumulate)."""
+    idx = _int_index(ids, "embedding", "ids")
+    if backend.device_of(idx) != weight.device:
+        raise RuntimeError(f"embedding: ids are on {backend.device_of(idx)}, weight on {weight.device}")
+    num = weight.shape[0]
+    if idx.size and (idx.min() < 0 or idx.max() >= num):
+        raise IndexError(f"embedding: ids must lie in [0, {num}) for a table of shape {weight.shape}, got "
+                         f"min {int(idx.min())} max {int(idx.max())}")
+    xp = weight.xp
+
+    def backward(g):
+        grad = xp.zeros(weight.shape, dtype=g.dtype)
+        backend.scatter_add(grad, idx.reshape(-1), g.reshape(-1, weight.shape[1]))
+        return (grad,)
+    return Tensor._from_op(weight.data[idx], (weight,), backward, "embedding")
+
+
+def _mask_array(mask, like, op):
+    m = mask.data if isinstance(mask, Tensor) else mask
+    if not (isinstance(m, np.ndarray) or backend.is_cupy_array(m)):
+        m = np.asarray(m)
+    if backend.device_of(m) != like.device:
+        raise RuntimeError(f"{op}: mask is on {backend.device_of(m)}, input on {like.device}")
+    try:
+        np.broadcast_shapes(m.shape, like.shape)
+    except ValueError:
+        raise ValueError(f"{op}: mask of shape {m.shape} does not broadcast to input shape {like.shape}") from None
+    return m.astype(bool, copy=False)
+
+
+def masked_fill(x, mask, value):
+    """x with ``value`` wherever ``mask`` is true; no gradient flows to filled positions."""
+    m = _mask_array(mask, x, "masked_fill")
+    xp = x.xp
+    return Tensor._from_op(xp.where(m, xp.asarray(value, dtype=x.dtype), x.data), (x,),
+                           lambda g: (xp.where(m, 0, g),), "masked_fill")
+
+
+def where(cond, a, b):
+    """a where cond, else b (a and b may be numbers)."""
+    like = a if isinstance(a, Tensor) else b
+    if not isinstance(like, Tensor):
+        raise TypeError("where: at least one of a, b must be a Tensor")
+    a, b = _pair(a, b, "where")
+    c = _mask_array(cond, a, "where")
+    xp = a.xp
+    return Tensor._from_op(xp.where(c, a.data, b.data), (a, b),
+                           lambda g: (xp.where(c, g, 0), xp.where(c, 0, g)), "where")
+
+
+def cat(tensors, axis=0):
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("cat: expected a non-empty sequence of tensors")
+    first = tensors[0]
+    tensors = [_tensor(t, first, "cat") for t in tensors]
+    ref = list(first.shape)
+    ax = axis % first.ndim
+    for t in tensors:
+        if t.ndim != first.ndim or [n for i, n in enumerate(t.shape) if i != ax] != \
+                [n for i, n in enumerate(ref) if i != ax]:
+            raise ValueError(f"cat: shapes {[t.shape for t in tensors]} differ outside axis {axis}")
+    xp = first.xp
+    bounds = np.cumsum([t.shape[ax] for t in tensors])[:-1]
+    return Tensor._from_op(xp.concatenate([t.data for t in tensors], axis=ax), tuple(tensors),
+                           lambda g: tuple(xp.split(g, bounds, axis=ax)), "cat")
+
+
+def stack(tensors, axis=0):
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("stack: expected a non-empty sequence of tensors")
+    tensors = [_tensor(t, tensors[0], "stack") for t in tensors]
+    if len({t.shape for t in tensors}) != 1:
+        raise ValueError(f"stack: all tensors must have the same shape, got {[t.shape for t in tensors]}")
+    xp = tensors[0].xp
+    ax = axis % (tensors[0].ndim + 1)
+    return Tensor._from_op(xp.stack([t.data for t in tensors], axis=ax), tuple(tensors),
+                           lambda g: tuple(xp.moveaxis(g, ax, 0)), "stack")
+
+
+def clip(x, min=None, max=None):
+    """Clamp to [min, max]; the gradient passes where min <= x <= max (as torch.clamp)."""
+    xp = x.xp
+    lo = -np.inf if min is None else min
+    hi = np.inf if max is None else max
+    inside = (x.data >= lo) & (x.data <= hi)
+    return Tensor._from_op(xp.clip(x.data, lo, hi).astype(x.dtype, copy=False), (x,),
+                           lambda g: (g * inside,), "clip")
+
+
+def maximum(a, b):
+    """Elementwise max; at ties each input gets half the gradient (as torch.maximum)."""
+    a, b = _pair(a, b, "maximum")
+    xp = a.xp
+    wa = (a.data > b.data) + 0.5 * (a.data == b.data)
+    return Tensor._from_op(xp.maximum(a.data, b.data), (a, b), lambda g: (g * wa, g * (1 - wa)), "maximum")
+
+
+def minimum(a, b):
+    """Elementwise min; at ties each input gets half the gradient (as torch.minimum)."""
+    a, b = _pair(a, b, "minimum")
+    xp = a.xp
+    wa = (a.data < b.data) + 0.5 * (a.data == b.data)
+    return Tensor._from_op(xp.minimum(a.data, b.data), (a, b), lambda g: (g * wa, g * (1 - wa)), "minimum")
+
+
+# --------------------------------------------------------- network layers
+def linear(x, weight, bias=None):
+    """x @ weightᵀ + bias, with weight of shape (out_features, in_features)."""
+    out = matmul(x, transpose(weight, 0, 1))
+    return out if bias is None else out + bias
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """(x − mean) / √(var + eps) · weight + bias over the trailing ``normalized_shape`` axes.
+
+    Backward in closed form: with x̂ the normalised input and ĝ = g·weight,
+    dx = (ĝ − mean(ĝ) − x̂ · mean(ĝ x̂)) / √(var + eps).
+    """
+    if isinstance(normalized_shape, numbers.Integral):
+        normalized_shape = (normalized_shape,)
+    normalized_shape = tuple(normalized_shape)
+    if x.shape[x.ndim - len(normalized_shape):] != normalized_shape:
+        raise ValueError(f"layer_norm: input shape {x.shape} does not end with normalized_shape {normalized_shape}")
+    xp = x.xp
+    axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
+    mu = x.data.mean(axis=axes, keepdims=True)
+    xc = x.data - mu
+    rstd = 1.0 / xp.sqrt((xc * xc).mean(axis=axes, keepdims=True) + eps)
+    xhat = xc * rstd
+    out = xhat
+    if weight is not None:
+        out = out * weight.data
+    if bias is not None:
+        out = out + bias.data
+    batch_axes = tuple(range(x.ndim - len(normalized_shape)))
+
+    def backward(g):
+        gw = (g * xhat).sum(axis=batch_axes) if weight is not None and weight.requires_grad else None
+        gb = g.sum(axis=batch_axes) if bias is not None and bias.requires_grad else None
+        gx = None
+        if x.requires_grad:
+            gh = g * weight.data if weight is not None else g
+            gx = (gh - gh.mean(axis=axes, keepdims=True)
+                  - xhat * (gh * xhat).mean(axis=axes, keepdims=True)) * rstd
+        return tuple(v for v, p in ((gx, x), (gw, weight), (gb, bias)) if p is not None)
+    parents = tuple(p for p in (x, weight, bias) if p is not None)
+    return Tensor._from_op(out, parents, backward, "layer_norm")
+
+
+def dropout(x, p=0.1, training=True, generator=None):
+    """Zero each element with probability p and scale the rest by 1/(1−p); identity when not training.
+
+    The mask comes from ``generator`` (a NumPy/CuPy Generator) or the global
+    one seeded by ``minirlhf.manual_seed``.
+    """
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not training or p == 0:
+        return x
+    rng = generator if generator is not None else backend.generator(x.device)
+    keep = (rng.random(x.shape) >= p).astype(x.dtype) * (1.0 / (1 - p))
+    return Tensor._from_op(x.data * keep, (x,), lambda g: (g * keep,), "dropout")
+
+
+def _attention_mask(xp, T, S, is_causal, attn_mask, dtype):
+    """Additive bias (…, T, S): 0 where a query may attend, −inf where it may not.
+
+    Causal masks are aligned bottom-right (query i sees keys j <= i + S − T), so
+    a query block decoded after a KV cache of S − T keys sees the whole cache.
+    """
+    bias = None
+    if is_causal:
+        i = xp.arange(T)[:, None]
+        j = xp.arange(S)[None, :]
+        bias = xp.where(j <= i + (S - T), 0.0, -np.inf).astype(dtype)
+    if attn_mask is not None:
+        m = attn_mask.data if isinstance(attn_mask, Tensor) else attn_mask
+        m = xp.where(m, 0.0, -np.inf).astype(dtype) if m.dtype == bool else m.astype(dtype)
+        bias = m if bias is None else bias + m
+    return bias
+
+
+def scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale=None):
+    """softmax(q kᵀ · scale + mask) v, for q (…, T, d), k (…, S, d), v (…, S, d_v).
+
+    ``attn_mask``: boolean (True = may attend) or an additive float bias,
+    broadcastable to (…, T, S). ``is_causal`` aligns the causal mask
+    bottom-right (as FlashAttention-2). A query that may attend to nothing
+    (a padding row) gets zeros, not NaN.
+
+    Backward (P the probabilities, dO the output gradient):
+    dV = Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP − rowsum(dP ∘ P)), dQ = dS K · scale, dK = dSᵀ Q · scale.
+    On CuPy with a supported shape this dispatches to the fused kernel in ``minirlhf.kernels``.
+    """
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"scaled_dot_product_attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit; "
+                         "expected q (..., T, d), k (..., S, d), v (..., S, d_v)")
+    k = _tensor(k, q, "scaled_dot_product_attention")
+    v = _tensor(v, q, "scaled_dot_product_attention")
+    xp = q.xp
+    T, S = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = xp.matmul(q.data, xp.swapaxes(k.data, -1, -2)) * scale
+    bias = _attention_mask(xp, T, S, is_causal, attn_mask, q.dtype)
+    if bias is not None:
+        s = s + bias
+    m = s.max(axis=-1, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0)
+    e = xp.exp(s - m)
+    denom = e.sum(axis=-1, keepdims=True)
+    p = e / xp.where(denom > 0, denom, 1)
+    out = xp.matmul(p, v.data)
+
+    def backward(g):
+        gv = xp.matmul(xp.swapaxes(p, -1, -2), g) if v.requires_grad else None
+        dp = xp.matmul(g, xp.swapaxes(v.data, -1, -2))
+        ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+        gq = xp.matmul(ds, k.data) * scale if q.requires_grad else None
+        gk = xp.matmul(xp.swapaxes(ds, -1, -2), q.data) * scale if k.requires_grad else None
+        return gq, gk, gv
+    return Tensor._from_op(out, (q, k, v), backward, "scaled_dot_product_attention")
+
+
+# ------------------------------------------------------------ log-probs
+def token_logprobs(logits, targets):
+    """log softmax(logits)[..., targets]: log π(y_t | context) for each position.
+
+    logits (…, V), targets (…) integer. Backward: g · (onehot(targets) − softmax(logits)).
+    """
+    idx = _int_index(targets, "token_logprobs", "targets")
+    if backend.device_of(idx) != logits.device:
+        raise RuntimeError(f"token_logprobs: targets are on {backend.device_of(idx)}, logits on {logits.device}")
+    if idx.shape != logits.shape[:-1]:
+        raise ValueError(f"token_logprobs: targets shape {idx.shape} must equal logits shape without its last "
+                         f"axis {logits.shape[:-1]}")
+    V = logits.shape[-1]
+    if idx.size and (idx.min() < 0 or idx.max() >= V):
+        raise IndexError(f"token_logprobs: targets must lie in [0, {V}), got min {int(idx.min())} "
+                         f"max {int(idx.max())}")
+    xp = logits.xp
+    x = logits.data
+    m = x.max(axis=-1, keepdims=True)
+    e = xp.exp(x - m)
+    s = e.sum(axis=-1, keepdims=True)
+    lse = (xp.log(s) + m)[..., 0]
+    out = xp.take_along_axis(x, idx[..., None], axis=-1)[..., 0] - lse
+
+    def backward(g):
+        grad = -(e / s) * g[..., None]
+        flat = grad.reshape(-1, V)
+        flat[xp.arange(flat.shape[0]), idx.reshape(-1)] += g.reshape(-1)
+        return (grad,)
+    return Tensor._from_op(out, (logits,), backward, "token_logprobs")
+
+
+def cross_entropy(logits, targets, mask=None, ignore_index=-100):
+    """Mean of −log softmax(logits)[targets] over positions with mask 1 and target != ignore_index.
+
+    An all-masked batch gives 0, not NaN.
+    """
+    idx = _int_index(targets, "cross_entropy", "targets")
+    xp = logits.xp
+    keep = idx != ignore_index
+    if mask is not None:
+        keep = keep & _mask_array(mask, Tensor(idx), "cross_entropy")
+    w = keep.astype(logits.dtype)
+    logp = token_logprobs(logits, xp.where(keep, idx, 0))
+    return -(logp * w).sum() / xp.maximum(w.sum(), 1.0)

@@ -1,0 +1,167 @@
+"""Optimizers (SGD with momentum, AdamW), gradient clipping, and the warmup + cosine schedule.
+
+Updates are written in place into ``p.data``; ``p.grad`` is only read.
+"""
+import math
+
+from . import backend
+from .tensor import no_grad
+
+
+class Optimizer:
+    def __init__(self, params, defaults):
+        params = list(params)
+        if not params:
+            raise ValueError(f"{type(self).__name__}: params is empty; pass model.parameters()")
+        if not isinstance(params[0], dict):
+            params = [{"params": params}]
+        self.param_groups = []
+        for group in params:
+            g = dict(defaults)
+            g.update(group)
+            g["params"] = list(g["params"])
+            self.param_groups.append(g)
+        for g in self.param_groups:
+            if g["lr"] < 0:
+                raise ValueError(f"{type(self).__name__}: lr must be >= 0, got {g['lr']}")
+        self.state = {}
+        self.step_count = 0
+
+    def zero_grad(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                p.grad = None
+
+    def _params_with_grad(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    yield g, p
+
+    def state_dict(self):
+        """Flat name → array dict of the optimizer state (buffers by parameter position), plus the step."""
+        out = {}
+        for k, (g, p) in enumerate((g, p) for g in self.param_groups for p in g["params"]):
+            for name, buf in self.state.get(id(p), {}).items():
+                out[f"{k}.{name}"] = buf
+        return {"step": self.step_count, "buffers": out, "lr": [g["lr"] for g in self.param_groups]}
+
+    def load_state_dict(self, state):
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.state = {}
+        for key, buf in state["buffers"].items():
+            k, name = key.split(".", 1)
+            p = params[int(k)]
+            if tuple(buf.shape) != p.shape:
+                raise ValueError(f"load_state_dict: buffer {key} has shape {tuple(buf.shape)}, parameter {p.shape}")
+            self.state.setdefault(id(p), {})[name] = p.xp.asarray(buf, dtype=p.dtype).copy()
+        self.step_count = int(state["step"])
+        for g, lr in zip(self.param_groups, state.get("lr", [])):
+            g["lr"] = lr
+
+
+class SGD(Optimizer):
+    """p ← p − lr·b, b ← momentum·b + (g + weight_decay·p) (torch.optim.SGD without dampening)."""
+
+    def __init__(self, params, lr=1e-2, momentum=0.0, weight_decay=0.0):
+        if not 0 <= momentum < 1:
+            raise ValueError(f"SGD: momentum must be in [0, 1), got {momentum}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @no_grad()
+    def step(self):
+        self.step_count += 1
+        for g, p in self._params_with_grad():
+            d = p.grad + g["weight_decay"] * p.data if g["weight_decay"] else p.grad
+            if g["momentum"]:
+                st = self.state.setdefault(id(p), {})
+                if "momentum" not in st:
+                    st["momentum"] = d.copy()
+                else:
+                    st["momentum"] *= g["momentum"]
+                    st["momentum"] += d
+                d = st["momentum"]
+            p.data -= g["lr"] * d
+
+
+class AdamW(Optimizer):
+    """AdamW (Loshchilov & Hutter 2019, Alg. 2), decoupled weight decay:
+
+    p ← p·(1 − lr·λ);  m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;
+    p ← p − lr · (m / (1−β₁ᵗ)) / (√(v / (1−β₂ᵗ)) + ε)
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"AdamW: betas must be in [0, 1), got {betas}")
+        if eps <= 0:
+            raise ValueError(f"AdamW: eps must be > 0, got {eps}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @no_grad()
+    def step(self):
+        self.step_count += 1
+        t = self.step_count
+        for g, p in self._params_with_grad():
+            b1, b2 = g["betas"]
+            st = self.state.setdefault(id(p), {})
+            if "m" not in st:
+                st["m"] = p.xp.zeros_like(p.data)
+                st["v"] = p.xp.zeros_like(p.data)
+            m, v = st["m"], st["v"]
+            if g["weight_decay"]:
+                p.data *= 1 - g["lr"] * g["weight_decay"]
+            m *= b1
+            m += (1 - b1) * p.grad
+            v *= b2
+            v += (1 - b2) * (p.grad * p.grad)
+            denom = p.xp.sqrt(v) / math.sqrt(1 - b2 ** t) + g["eps"]
+            p.data -= (g["lr"] / (1 - b1 ** t)) * m / denom
+
+
+@no_grad()
+def clip_grad_norm_(params, max_norm):
+    """Scale all gradients so their global L2 norm is at most ``max_norm``; returns the norm before.
+
+    The norm is returned as a 0-d array of the gradients' backend (no device sync).
+    """
+    params = list(params)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    xp = backend.get_array_module(grads[0])
+    total = xp.sqrt(sum((g.astype(xp.float64) ** 2).sum() for g in grads))
+    scale = xp.minimum(max_norm / (total + 1e-6), 1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad = p.grad * scale.astype(p.grad.dtype)
+    return total
+
+
+def cosine_lr(step, max_lr, warmup_steps, total_steps, min_lr=0.0):
+    """Linear warmup to ``max_lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``total_steps``."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+class WarmupCosine:
+    """Sets every group's lr to ``cosine_lr(step, ...)``; call ``.step()`` after each optimizer step."""
+
+    def __init__(self, optimizer, warmup_steps, total_steps, min_lr=0.0):
+        self.optimizer = optimizer
+        self.max_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.warmup_steps, self.total_steps, self.min_lr = warmup_steps, total_steps, min_lr
+        self.last_step = 0
+        self._apply()
+
+    def _apply(self):
+        for g, max_lr in zip(self.optimizer.param_groups, self.max_lrs):
+            g["lr"] = cosine_lr(self.last_step, max_lr, self.warmup_steps, self.total_steps, self.min_lr)
+
+    def step(self):
+        self.last_step += 1
+        self._apply()
