@@ -138,8 +138,7 @@ class BPETokenizer:
     """
 
     def __init__(self):
-        byte_ids = {b: i for i, b in enumerate(bytes_to_unicode())}  # GPT-2 order: "!" is id 0
-        self._set_vocab({i: bytes([b]) for b, i in byte_ids.items()}, byte_ids, {}, {})
+        self._set_vocab(*_byte_vocab(), merges={}, special_tokens={})
 
     def _set_vocab(self, id_to_bytes, byte_to_id, merges, special_tokens):
         self._id_to_bytes = id_to_bytes              # id -> bytes, special tokens included
@@ -147,8 +146,11 @@ class BPETokenizer:
         self.merges = merges                         # (id, id) -> merged id, in rank order
         self._rank = {pair: rank for rank, pair in enumerate(merges)}
         self.special_tokens = special_tokens         # text -> id
-        self._special_ids = set(special_tokens.values())
         self._cache = {}                             # word -> its ids
+        table = bytes_to_unicode()                   # as vocab.json writes them; special tokens verbatim
+        self._id_to_token = {i: id_to_bytes[i].decode("utf-8") if i in special_tokens.values()
+                             else "".join(table[b] for b in id_to_bytes[i]) for i in sorted(id_to_bytes)}
+        self._token_to_id = {token: i for i, token in self._id_to_token.items()}
 
     # ----------------------------------------------------------------------------- training
 
@@ -168,8 +170,7 @@ class BPETokenizer:
         if vocab_size < 256 + len(special_tokens):
             raise ValueError(f"vocab_size must be at least 256 + {len(special_tokens)} special tokens "
                              f"= {256 + len(special_tokens)}, got vocab_size={vocab_size}")
-        self.__init__()
-        byte_to_id, id_to_bytes = self._byte_to_id, self._id_to_bytes
+        id_to_bytes, byte_to_id = _byte_vocab()
         bytes_to_id = {b: i for i, b in id_to_bytes.items()}
 
         word_counts = {}
@@ -179,11 +180,11 @@ class BPETokenizer:
         words = [[byte_to_id[b] for b in word.encode("utf-8")] for word in word_counts]
         counts = list(word_counts.values())
 
-        pair_counts, where = {}, {}  # pair -> its count in the text; pair -> indices of words holding it
+        pair_counts, words_with = {}, {}  # pair -> its count in the text; pair -> indices of words holding it
         for w, ids in enumerate(words):
             for pair in zip(ids, ids[1:]):
                 pair_counts[pair] = pair_counts.get(pair, 0) + counts[w]
-                where.setdefault(pair, set()).add(w)
+                words_with.setdefault(pair, set()).add(w)
         heap = [(-count, pair) for pair, count in pair_counts.items()]
         heapq.heapify(heap)
 
@@ -195,15 +196,13 @@ class BPETokenizer:
                 if count > 0:
                     heapq.heappush(heap, (-count, pair))
                 continue
-            if count == 0:
-                break
             new_bytes = id_to_bytes[pair[0]] + id_to_bytes[pair[1]]
             new_id = bytes_to_id.setdefault(new_bytes, len(id_to_bytes))
             id_to_bytes[new_id] = new_bytes
             merges[pair] = new_id
 
-            changed = set()  # pairs holding new_id, whose counts grew
-            for w in where.pop(pair):
+            changed = set()  # pairs with new_id: new, or grown, so the heap needs their counts
+            for w in words_with.pop(pair):
                 old = words[w]
                 new = merge(old, pair, new_id)
                 if len(new) == len(old):  # an earlier merge already took this pair out of the word
@@ -213,7 +212,7 @@ class BPETokenizer:
                 for p in zip(new, new[1:]):
                     pair_counts[p] = pair_counts.get(p, 0) + counts[w]
                     if new_id in p:
-                        where.setdefault(p, set()).add(w)
+                        words_with.setdefault(p, set()).add(w)
                         changed.add(p)
                 words[w] = new
             for p in changed:
@@ -222,7 +221,7 @@ class BPETokenizer:
         n = len(id_to_bytes)
         special = {s: n + k for k, s in enumerate(special_tokens)}
         id_to_bytes.update({i: s.encode("utf-8") for s, i in special.items()})
-        self._set_vocab(id_to_bytes, {b: i for b, i in enumerate(byte_to_id)}, merges, special)
+        self._set_vocab(id_to_bytes, byte_to_id, merges, special)
         return self
 
     # ----------------------------------------------------------------------------- encoding
@@ -293,20 +292,14 @@ class BPETokenizer:
 
     # ----------------------------------------------------------------------------- vocabulary
 
-    def _token(self, i):
-        """The token's text as written in vocab.json: printable bytes, or a special token verbatim."""
-        if i in self._special_ids:
-            return self._id_to_bytes[i].decode("utf-8")
-        table = bytes_to_unicode()
-        return "".join(table[b] for b in self._id_to_bytes[i])
-
     @property
     def id_to_token(self):
-        return {i: self._token(i) for i in sorted(self._id_to_bytes)}
+        """id -> token text as in vocab.json: bytes as printable characters ("Ġthe"), specials verbatim."""
+        return self._id_to_token
 
     @property
     def token_to_id(self):
-        return {self._token(i): i for i in sorted(self._id_to_bytes)}
+        return self._token_to_id
 
     @property
     def vocab_size(self):
@@ -330,7 +323,7 @@ class BPETokenizer:
         written to a temporary file first and renamed, so a crash never leaves half a file."""
         os.makedirs(directory, exist_ok=True)
         vocab = json.dumps(self.token_to_id, ensure_ascii=False)
-        lines = [f"{self._token(a)} {self._token(b)}" for a, b in self.merges]
+        lines = [f"{self._id_to_token[a]} {self._id_to_token[b]}" for a, b in self.merges]
         _write_atomically(os.path.join(directory, "vocab.json"), vocab)
         _write_atomically(os.path.join(directory, "merges.txt"), "\n".join(["#version: 0.2", *lines]) + "\n")
 
@@ -338,7 +331,9 @@ class BPETokenizer:
     def load(cls, directory):
         """Read vocab.json and merges.txt from directory (written by `save`, GPT-2 or Hugging Face
         `tokenizers`). A vocabulary entry that is neither one byte nor the result of a merge is a
-        special token (e.g. "<|endoftext|>"): it keeps its text and is never split."""
+        special token (e.g. "<|endoftext|>"): it keeps its text and is never split. A vocabulary
+        trained without all 256 bytes loads, but encoding a byte it lacks is an error (where
+        `tokenizers` would silently drop it)."""
         vocab_path, merges_path = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
         try:
             with open(vocab_path, encoding="utf-8") as f:
@@ -383,6 +378,13 @@ class BPETokenizer:
             special,
         )
         return tokenizer
+
+
+def _byte_vocab():
+    """The 256 one-byte tokens as (id -> bytes, byte -> id), ids in GPT-2's order ("!" is id 0)."""
+    table = bytes_to_unicode()
+    byte_to_id = {b: i for i, b in enumerate(sorted(table, key=table.get))}
+    return {i: bytes([b]) for b, i in byte_to_id.items()}, byte_to_id
 
 
 def _split_on(text, special_tokens):
