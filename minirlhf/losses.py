@@ -1,0 +1,742 @@
+"""Every RLHF loss, one function each, with its formula and paper in the docstring.
+
+Conventions (shared by every function below):
+
+* Per-token quantities are Tensors of shape (B, T) — ``logp[i, t] = log π(y_t | x, y_<t)``
+  for row i — with a 0/1 ``mask`` of the same shape (a NumPy/CuPy array or a Tensor)
+  that is 1 on response tokens. Per-sequence quantities have shape (B,).
+* Masked-out positions never contribute: every per-token input is passed through
+  ``where(mask, x, 0)`` first, so whatever sits under the mask (padding, NaN, 1e30)
+  changes neither a loss nor a gradient, and an all-masked row gives 0, never NaN.
+* Only the policy's log-probs (and values, logits) carry gradient; old log-probs,
+  reference log-probs, advantages, returns, rewards and KL anchors are detached here,
+  so a caller cannot leak gradient into them by accident.
+* Diagnostics come back as 0-d arrays of the input's backend (``float(x)`` reads one);
+  nothing in the loss math calls ``.item()``, so a GPU step never waits on the host.
+* Groups (GRPO, RLOO) are consecutive rows: ``rewards.reshape(B // G, G)``.
+"""
+import math
+
+import numpy as np
+
+from . import backend
+from . import functional as F
+from .tensor import Tensor
+
+token_logprobs = F.token_logprobs
+
+# |log-ratio| above this is clipped before exp(): e^20 ≈ 4.9e8 is already far outside any
+# trust region, and float32 exp overflows at 88.
+MAX_LOG_RATIO = 20.0
+
+
+# ------------------------------------------------------------ plumbing
+def _tensor(x, name):
+    if isinstance(x, Tensor):
+        return x
+    if not (isinstance(x, np.ndarray) or backend.is_cupy_array(x)):
+        x = np.asarray(x)
+    if x.dtype.kind != "f":
+        raise TypeError(f"{name}: expected floating values, got dtype {x.dtype}")
+    return Tensor(x, dtype=x.dtype)
+
+
+def _array(x, like):
+    """``x`` (array, list or Tensor) as an array on ``like``'s device, dtype unchanged."""
+    data = x.data if isinstance(x, Tensor) else x
+    if not (isinstance(data, np.ndarray) or backend.is_cupy_array(data)):
+        data = np.asarray(data)
+    return backend.to_device(data, like.device) if backend.device_of(data) != like.device else data
+
+
+def _const(x, like, name, shape=None):
+    """``x`` as a detached Tensor with ``like``'s dtype and device (optionally checking its shape)."""
+    data = _array(x, like)
+    if shape is not None and tuple(data.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(data.shape)}")
+    return Tensor(like.xp.asarray(data, dtype=like.dtype), dtype=like.dtype)
+
+
+def _mask(mask, like, name="mask", shape=None):
+    """The mask as a 0/1 float array of ``like``'s dtype and device; its shape must equal
+    ``shape`` (default: ``like``'s)."""
+    m = _array(mask, like)
+    shape = tuple(like.shape if shape is None else shape)
+    if tuple(m.shape) != shape:
+        raise ValueError(f"{name}: shape {tuple(m.shape)} does not match the per-token values' shape "
+                         f"{shape}; expected the same (B, T)")
+    return (m != 0).astype(like.dtype)
+
+
+def _keep(x, m):
+    """x where the mask is 1, else 0; no gradient reaches (and no NaN leaks from) masked positions."""
+    return F.where(m > 0, x, 0.0)
+
+
+def _per_sequence(x, like, name):
+    """A per-sequence value (B,) or per-token one (B, T) as a detached Tensor broadcastable to (B, T)."""
+    t = _const(x, like, name)
+    if t.shape == (like.shape[0],):
+        return t.reshape(like.shape[0], 1)
+    if t.shape != like.shape:
+        raise ValueError(f"{name}: expected shape ({like.shape[0]},) or {tuple(like.shape)}, got {t.shape}")
+    return t
+
+
+def _check_positive(value, name):
+    if not value > 0:
+        raise ValueError(f"{name}: must be > 0, got {value}")
+
+
+def _check_nonnegative(value, name):
+    if not value >= 0:
+        raise ValueError(f"{name}: must be >= 0, got {value}")
+
+
+def _check_clip(clip_eps, clip_eps_high):
+    if not 0 < clip_eps < 1:
+        raise ValueError(f"clip_eps: must lie in (0, 1), got {clip_eps}")
+    if clip_eps_high is None:
+        return clip_eps
+    if not 0 < clip_eps_high:
+        raise ValueError(f"clip_eps_high: must be > 0, got {clip_eps_high}")
+    return clip_eps_high
+
+
+def _check_option(value, options, name):
+    if value not in options:
+        raise ValueError(f"{name}: unknown value {value!r}; expected one of {', '.join(map(repr, options))}")
+
+
+def _groups(rewards, group_size, name="group_size"):
+    """(B,) rewards as (B // G, G): consecutive rows are the G samples of one prompt."""
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards: expected shape (B,), got {rewards.shape}")
+    B = rewards.shape[0]
+    if group_size is None:
+        group_size = B
+    if not isinstance(group_size, (int, np.integer)) or group_size < 2:
+        raise ValueError(f"{name}: must be an integer >= 2, got {group_size!r}")
+    if B % group_size:
+        raise ValueError(f"{name}: {group_size} does not divide the batch size {B}")
+    return rewards.reshape(B // group_size, group_size)
+
+
+def _safe_log_ratio(logp, base_logp):
+    return F.clip(logp - base_logp, -MAX_LOG_RATIO, MAX_LOG_RATIO)
+
+
+def _fraction(flags, m):
+    """Share of masked-in positions where ``flags`` holds (a 0-d array; 0 for an empty mask)."""
+    xp = backend.get_array_module(m)
+    return (flags * m).sum() / xp.maximum(m.sum(), 1.0)
+
+
+# ------------------------------------------------------- log-probs and means
+def sequence_logprobs(logits, targets, mask):
+    """log π(y|x) = Σ_t mask_t · log π(y_t | x, y_<t), one value per row.
+
+    logits (B, T, V) predict targets (B, T) (already shifted: logits[:, t] scores
+    targets[:, t]); mask (B, T) is 1 on response tokens. Targets under the mask may
+    be anything, -100 included. Returns (B,).
+    """
+    m = _mask(mask, logits, shape=logits.shape[:-1])
+    return _masked_token_logprobs(logits, targets, m).sum(axis=-1)
+
+
+def _masked_token_logprobs(logits, targets, m):
+    """log π(y_t) where m is 1, else 0. Masked rows of logits are zeroed first: one more (B, T, V)
+    pass, and what keeps a NaN or inf in the padding out of every gradient."""
+    xp = logits.xp
+    ids = _array(targets, logits)
+    keep = m > 0
+    logits = F.where(keep[..., None], logits, 0.0)
+    logp = F.token_logprobs(logits, xp.where(keep, ids, 0))
+    return F.where(keep, logp, 0.0)
+
+
+def masked_mean(x, mask, axis=None):
+    """Σ mask·x / Σ mask over ``axis`` (all axes if None); a row with no mask-in entry gives 0, not NaN."""
+    x = _tensor(x, "masked_mean")
+    m = _mask(mask, x)
+    xp = x.xp
+    return _keep(x, m).sum(axis=axis) / xp.maximum(m.sum(axis=axis), 1.0)
+
+
+def sft_loss(logits, targets, mask):
+    """Supervised fine-tuning: masked token cross-entropy, averaged over every response token.
+
+    L = −Σ_{i,t} m_it log π(y_it | x_i, y_i,<t) / Σ_{i,t} m_it   (InstructGPT, Ouyang et al. 2022, §3.5).
+    logits (B, T, V), targets (B, T) integer, mask (B, T) 1 on the tokens to imitate.
+    """
+    m = _mask(mask, logits, shape=logits.shape[:-1])
+    logp = _masked_token_logprobs(logits, targets, m)
+    return -logp.sum() / logits.xp.maximum(m.sum(), 1.0)
+
+
+# ---------------------------------------------------------- reward model
+def bradley_terry_loss(r_chosen, r_rejected, margin=None):
+    """Reward-model loss under the Bradley-Terry model (Ouyang et al. 2022, eq. 1; Llama 2 adds the margin):
+
+        L = mean_i −log σ(r_chosen_i − r_rejected_i − margin_i)
+
+    r_chosen, r_rejected (B,): scalar rewards of the preferred and the dispreferred
+    response of each pair; margin: None, a number, or (B,) (how much better the chosen
+    one was rated). Returns (loss, accuracy): accuracy is the share of pairs with
+    r_chosen > r_rejected, a 0-d array.
+    """
+    r_chosen = _tensor(r_chosen, "r_chosen")
+    r_rejected = _tensor(r_rejected, "r_rejected")
+    if r_chosen.shape != r_rejected.shape:
+        raise ValueError(f"r_rejected: shape {r_rejected.shape} does not match r_chosen's {r_chosen.shape}")
+    z = r_chosen - r_rejected
+    if margin is not None:
+        margin = _const(margin, z, "margin")
+        if margin.shape not in ((), z.shape):
+            raise ValueError(f"margin: expected a number or shape {z.shape}, got shape {margin.shape}")
+        z = z - margin
+    loss = -F.log_sigmoid(z).mean()
+    accuracy = (r_chosen.data > r_rejected.data).astype(z.dtype).mean()
+    return loss, accuracy
+
+
+# ------------------------------------------------------------------- KL
+def kl_exact(logits, ref_logits, mask=None):
+    """Exact per-token KL(π ‖ π_ref) = Σ_v π(v) (log π(v) − log π_ref(v)), shape (B, T).
+
+    logits, ref_logits (B, T, V) of the policy and of the (detached) reference at the
+    same positions. Masked positions give 0. Both log-softmaxes subtract the max first.
+    """
+    ref_logits = _const(ref_logits, logits, "ref_logits", logits.shape)
+    if mask is not None:
+        keep = _mask(mask, logits, shape=logits.shape[:-1]) > 0
+        logits = F.where(keep[..., None], logits, 0.0)
+        ref_logits = F.where(keep[..., None], ref_logits, 0.0)
+    logp = F.log_softmax(logits, axis=-1)
+    ref_logp = F.log_softmax(ref_logits, axis=-1)
+    return (logp.exp() * (logp - ref_logp)).sum(axis=-1)
+
+
+def _k3_op(x):
+    """e^x − 1 − x for x = log(π_ref/π), as one op: expm1 keeps it exact (and >= 0) near x = 0,
+    where exp(x) − 1 − x would cancel to noise or even go negative. d/dx = expm1(x)."""
+    xp = x.xp
+    em1 = xp.expm1(x.data)
+    return Tensor._from_op(em1 - x.data, (x,), lambda g: (g * em1,), "k3")
+
+
+def kl_estimate(logp, ref_logp, estimator="k1"):
+    """Per-token Monte-Carlo estimators of KL(π ‖ π_ref) from samples y_t ~ π (Schulman 2020,
+    "Approximating KL divergence"), with log r = log π(y_t) − log π_ref(y_t):
+
+        k1 = log r                     unbiased, can be negative
+        k2 = ½ (log r)²                biased, low variance, >= 0
+        k3 = 1/r − 1 − log(1/r)        unbiased, >= 0, low variance (GRPO's KL term)
+
+    k3 is evaluated as expm1(x) − x with x = log(π_ref/π) clipped to at most
+    MAX_LOG_RATIO (so exp never overflows; beyond it the value is capped and the
+    gradient is 0). logp carries the gradient; ref_logp is detached.
+    """
+    _check_option(estimator, ("k1", "k2", "k3"), "estimator")
+    logp = _tensor(logp, "logp")
+    ref_logp = _const(ref_logp, logp, "ref_logp", logp.shape)
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio * log_ratio
+    return _k3_op(F.clip(-log_ratio, None, MAX_LOG_RATIO))
+
+
+def kl_penalty(logp, ref_logp, mask, scores, beta, estimator="k1"):
+    """KL-shaped per-token rewards (Ziegler et al. 2019, eq. 2; InstructGPT, Ouyang et al. 2022, eq. 2):
+
+        r_t = −β · k(y_t) + [t is the row's last response token] · score
+
+    logp, ref_logp (B, T) of the sampled tokens under the rollout policy and the
+    reference; mask (B, T); scores (B,) from the reward model; beta >= 0 the KL
+    coefficient; estimator "k1" | "k2" | "k3" (see kl_estimate). Everything is
+    detached: these are rewards for GAE, not a loss. Returns (B, T), 0 under the mask.
+    """
+    _check_nonnegative(beta, "beta")
+    logp = _tensor(logp, "logp").detach()
+    m = _mask(mask, logp)
+    scores = _const(scores, logp, "scores", (logp.shape[0],))
+    k = kl_estimate(_keep(logp, m), _keep(_const(ref_logp, logp, "ref_logp", logp.shape), m), estimator)
+    xp = logp.xp
+    t = xp.arange(logp.shape[1])
+    last = (m * t).max(axis=1)
+    at_last = ((t[None, :] == last[:, None]) & (m.sum(axis=1) > 0)[:, None]).astype(logp.dtype)
+    return Tensor(-beta * k.data * m + scores.data[:, None] * at_last, dtype=logp.dtype)
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, §2.2):
+
+        e = clip(KL / target − 1, −0.2, 0.2),    β ← β · (1 + e · n_steps / horizon)
+
+    so β grows when the measured KL is above ``target`` and shrinks when below.
+    init_beta > 0 the starting coefficient; target > 0 the KL (nats per sequence, or
+    whatever unit the caller measures in); horizon > 0 in samples.
+    """
+
+    def __init__(self, init_beta, target, horizon):
+        _check_positive(init_beta, "init_beta")
+        _check_positive(target, "target")
+        _check_positive(horizon, "horizon")
+        self.beta = float(init_beta)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, measured_kl, n_steps):
+        """Move β toward keeping KL at target after ``n_steps`` samples; returns the new β."""
+        _check_nonnegative(n_steps, "n_steps")
+        error = min(max(float(measured_kl) / self.target - 1.0, -0.2), 0.2)
+        self.beta *= 1.0 + error * n_steps / self.horizon
+        return self.beta
+
+
+# ------------------------------------------------------------ REINFORCE
+def rloo_advantages(rewards, group_size):
+    """REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024):
+
+        A_i = r_i − 1/(G−1) Σ_{j≠i, j in i's group} r_j  =  G/(G−1) · (r_i − mean_group r)
+
+    rewards (B,) with consecutive groups of ``group_size`` G >= 2 samples per prompt.
+    Returns detached (B,).
+    """
+    r = _tensor(rewards, "rewards").detach()
+    g = _groups(r, group_size)
+    G = g.shape[1]
+    baseline = (g.sum(axis=1, keepdims=True) - g) / (G - 1)
+    return (g - baseline).reshape(r.shape[0])
+
+
+def reinforce_loss(logp, rewards, mask, baseline=None, group_size=None):
+    """REINFORCE (Williams 1992), sequence level:
+
+        L = −mean_i (R_i − b_i) · Σ_t m_it log π(y_it | x_i, y_i,<t)
+
+    so −∇L is an unbiased estimate of ∇ E_π[R] for any b_i that does not depend on y_i.
+    logp (B, T) with gradient; rewards (B,) sequence returns R (detached); mask (B, T).
+    baseline: None (b = 0); "mean" (b = mean of R over the group, or the batch if
+    group_size is None — it includes R_i itself, so the gradient is scaled by (G−1)/G);
+    "rloo" (b_i = mean of the other G−1 rewards of the group: unbiased, see rloo_advantages).
+    group_size: samples per prompt (consecutive rows); None means the whole batch is one group.
+    """
+    _check_option(baseline, (None, "mean", "rloo"), "baseline")
+    logp = _tensor(logp, "logp")
+    m = _mask(mask, logp)
+    R = _const(rewards, logp, "rewards", (logp.shape[0],))
+    if baseline == "mean":
+        g = _groups(R, group_size)
+        advantages = (g - g.mean(axis=1, keepdims=True)).reshape(R.shape[0])
+    elif baseline == "rloo":
+        advantages = rloo_advantages(R, group_size)
+    else:
+        advantages = R
+    return -(advantages * _keep(logp, m).sum(axis=1)).mean()
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16), over response tokens:
+
+        δ_t = r_t + γ V_{t+1} − V_t,     A_t = δ_t + γλ A_{t+1},     returns_t = A_t + V_t
+
+    rewards, values (B, T) per token (arrays or Tensors; used without gradient); mask
+    (B, T). "t+1" is the row's next response token; after the last one V = 0 and A = 0
+    (the episode ends). λ = 1 gives A_t = Σ_{s>=t} γ^{s−t} r_s − V_t (Monte-Carlo);
+    λ = 0 gives the one-step TD error δ_t. Returns (advantages, returns), detached (B, T),
+    0 under the mask.
+    """
+    if not 0 <= gamma <= 1:
+        raise ValueError(f"gamma: must lie in [0, 1], got {gamma}")
+    if not 0 <= lam <= 1:
+        raise ValueError(f"lam: must lie in [0, 1], got {lam}")
+    values = _tensor(values, "values").detach()
+    m = _mask(mask, values)
+    r = _keep(_const(rewards, values, "rewards", values.shape), m).data
+    v = _keep(values, m).data
+    xp = values.xp
+    B, T = v.shape
+    advantages = xp.zeros_like(v)
+    next_value = xp.zeros(B, dtype=v.dtype)
+    next_adv = xp.zeros(B, dtype=v.dtype)
+    for t in range(T - 1, -1, -1):
+        on = m[:, t] > 0
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        adv = xp.where(on, delta + gamma * lam * next_adv, 0)
+        advantages[:, t] = adv
+        next_value = xp.where(on, v[:, t], next_value)
+        next_adv = xp.where(on, adv, next_adv)
+    returns = (advantages + v) * m
+    return Tensor(advantages, dtype=v.dtype), Tensor(returns, dtype=v.dtype)
+
+
+def reinforce_pp_advantages(scores, logp, ref_logp, mask, beta=0.01, gamma=1.0, eps=1e-8):
+    """REINFORCE++ advantages (Hu 2025): token returns of the KL-shaped reward,
+    whitened over every response token of the batch (no critic, no per-prompt groups):
+
+        r_t = −β log(π(y_t)/π_ref(y_t)) + [t last] · score,   G_t = Σ_{s>=t} γ^{s−t} r_s,
+        A_t = (G_t − mean(G)) / (std(G) + eps)
+
+    scores (B,) from the reward model; logp, ref_logp (B, T) of the sampled tokens under
+    the rollout policy and the reference; mask (B, T). mean and std (unbiased) run over the
+    masked-in tokens of the whole batch. Returns detached (B, T), 0 under the mask.
+    """
+    _check_nonnegative(eps, "eps")
+    rewards = kl_penalty(logp, ref_logp, mask, scores, beta, estimator="k1")
+    returns, _ = gae(rewards, Tensor(rewards.xp.zeros_like(rewards.data), dtype=rewards.dtype), mask,
+                     gamma=gamma, lam=1.0)
+    m = _mask(mask, returns)
+    G = returns.data
+    xp = returns.xp
+    n = m.sum()
+    mean = (G * m).sum() / xp.maximum(n, 1.0)
+    var = (((G - mean) * m) ** 2).sum() / xp.maximum(n - 1, 1.0)
+    return Tensor(xp.where(m > 0, (G - mean) / (xp.sqrt(var) + eps), 0), dtype=returns.dtype)
+
+
+# ------------------------------------------------------------------ PPO
+def _clipped_surrogate(ratio, advantages, low, high):
+    """Per-token −min(ratio·A, clip(ratio, 1−low, 1+high)·A) and where the clipped branch won."""
+    unclipped = -advantages * ratio
+    clipped = -advantages * F.clip(ratio, 1.0 - low, 1.0 + high)
+    return F.maximum(unclipped, clipped), clipped.data > unclipped.data
+
+
+def ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps=0.2, clip_eps_high=None, dual_clip=None):
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss averaged over response tokens:
+
+        ρ_t = π(y_t)/π_old(y_t),   ℓ_t = −min(ρ_t A_t, clip(ρ_t, 1−ε_low, 1+ε_high) A_t)
+
+    With ``clip_eps_high`` the upper clip differs from the lower (DAPO's clip-higher, Yu et
+    al. 2025); with ``dual_clip`` = c > 1, tokens with A_t < 0 are further bounded by
+    ℓ_t <= −c·A_t (dual-clip PPO, Ye et al. 2020), so a huge ratio on a bad token
+    cannot blow up the loss.
+
+    logp (B, T) with gradient; old_logp (B, T) from the rollout policy; advantages (B, T)
+    or (B,); mask (B, T). log ρ is clipped to ±MAX_LOG_RATIO before exp.
+    Returns (loss, stats): stats["clip_fraction"] is the share of tokens where the clipped
+    branch is active, stats["approx_kl"] the k3 estimate of KL(π_old ‖ π) = mean(ρ − 1 − log ρ).
+    """
+    eps_high = _check_clip(clip_eps, clip_eps_high)
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"dual_clip: must be > 1 (the lower bound c on −A·ratio), got {dual_clip}")
+    logp = _tensor(logp, "logp")
+    m = _mask(mask, logp)
+    old_logp = _const(old_logp, logp, "old_logp", logp.shape)
+    A = _keep(_per_sequence(advantages, logp, "advantages"), m)
+    log_ratio = _safe_log_ratio(_keep(logp, m), _keep(old_logp, m))
+    ratio = log_ratio.exp()
+    per_token, clipped = _clipped_surrogate(ratio, A, clip_eps, eps_high)
+    if dual_clip is not None:
+        per_token = F.where(A.data < 0, F.minimum(per_token, -dual_clip * A), per_token)
+    xp = logp.xp
+    loss = _keep(per_token, m).sum() / xp.maximum(m.sum(), 1.0)
+    stats = {"clip_fraction": _fraction(clipped, m),
+             "approx_kl": _fraction(xp.expm1(log_ratio.data) - log_ratio.data, m)}
+    return loss, stats
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip_eps=0.2):
+    """PPO's clipped value loss (Schulman et al. 2017, as in OpenAI baselines' ppo2), token mean:
+
+        V_clip = V_old + clip(V − V_old, −ε, ε),    L = ½ mean_t max((V − R)², (V_clip − R)²)
+
+    values (B, T) from the value head with gradient; old_values (B, T) at rollout time;
+    returns (B, T) targets R (from gae); mask (B, T); clip_eps > 0 in units of value.
+    """
+    _check_positive(clip_eps, "clip_eps")
+    values = _tensor(values, "values")
+    m = _mask(mask, values)
+    old = _keep(_const(old_values, values, "old_values", values.shape), m)
+    R = _keep(_const(returns, values, "returns", values.shape), m)
+    V = _keep(values, m)
+    V_clip = old + F.clip(V - old, -clip_eps, clip_eps)
+    per_token = F.maximum((V - R) ** 2, (V_clip - R) ** 2)
+    return 0.5 * _keep(per_token, m).sum() / values.xp.maximum(m.sum(), 1.0)
+
+
+def entropy(logits, mask):
+    """Mean entropy of the next-token distributions over response tokens (the PPO bonus,
+    Schulman et al. 2017, eq. 9): H_t = −Σ_v π(v) log π(v), averaged where mask is 1.
+
+    logits (B, T, V); mask (B, T). The loss subtracts c · entropy to encourage exploration.
+    """
+    keep = _mask(mask, logits, shape=logits.shape[:-1])
+    logits = F.where(keep[..., None] > 0, logits, 0.0)
+    logp = F.log_softmax(logits, axis=-1)
+    H = -(logp.exp() * logp).sum(axis=-1)
+    return _keep(H, keep).sum() / logits.xp.maximum(keep.sum(), 1.0)
+
+
+# ----------------------------------------------------------------- GRPO
+def grpo_advantages(rewards, group_size, scale="group", eps=1e-4):
+    """Group-relative advantages (GRPO, Shao et al. 2024, DeepSeekMath §4.1.2):
+
+        A_i = (r_i − mean_group r) / (std + eps)
+
+    rewards (B,), consecutive groups of group_size G >= 2. scale: "group" — std is the
+    unbiased sample std of i's group; "batch" — the unbiased std of all B rewards
+    (Hu 2025; TRL's scale_rewards="batch"); "none" — no division (Dr. GRPO, Liu et al.
+    2025). A group whose rewards are all equal gets exactly 0. Returns detached (B,).
+    """
+    _check_option(scale, ("group", "batch", "none"), "scale")
+    _check_nonnegative(eps, "eps")
+    r = _tensor(rewards, "rewards").detach()
+    g = _groups(r, group_size).data
+    xp = r.xp
+    constant = g.max(axis=1, keepdims=True) == g.min(axis=1, keepdims=True)
+    centered = xp.where(constant, 0, g - g.mean(axis=1, keepdims=True))
+    if scale != "none":
+        std = g.std(axis=1, ddof=1, keepdims=True) if scale == "group" else r.data.std(ddof=1)
+        # a constant group is already exactly 0; dividing it by std + eps = 0 would make NaN
+        centered = centered / xp.where(std + eps > 0, std + eps, 1)
+    return Tensor(centered.reshape(r.shape[0]), dtype=r.dtype)
+
+
+def _aggregate(per_token, m, loss_type):
+    xp = backend.get_array_module(m)
+    masked = _keep(per_token, m)
+    if loss_type == "grpo":
+        return (masked.sum(axis=1) / xp.maximum(m.sum(axis=1), 1.0)).mean()
+    if loss_type == "dr_grpo":
+        return masked.sum() / (m.shape[0] * m.shape[1])
+    return masked.sum() / xp.maximum(m.sum(), 1.0)
+
+
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04, clip_eps=0.2, clip_eps_high=None,
+              loss_type="grpo"):
+    """GRPO (Shao et al. 2024, DeepSeekMath eq. 3), per token:
+
+        ℓ_t = −min(ρ_t A_i, clip(ρ_t, 1−ε_low, 1+ε_high) A_i) + β · k3_t,
+        ρ_t = π(y_t)/π_old(y_t),   k3_t = π_ref/π − 1 − log(π_ref/π)   (eq. 4)
+
+    then aggregated by loss_type:
+      "grpo"    mean_i (Σ_t m ℓ / Σ_t m)          token mean per sequence, then mean (the paper)
+      "bnpo"    Σ m ℓ / Σ m                       token mean over the batch
+      "dr_grpo" Σ m ℓ / (B · T)                   a constant normaliser (Dr. GRPO, Liu et al. 2025);
+                                                   pad to a fixed T to keep it constant across steps
+      "dapo"    Σ m ℓ / (number of response tokens)   (DAPO's token-level loss, Yu et al. 2025); within one
+                                                   batch this equals "bnpo" — they differ only when
+                                                   gradients accumulate over several batches
+
+    logp (B, T) with gradient; old_logp (B, T) from the rollout policy; ref_logp (B, T)
+    from the reference (may be None when beta == 0); advantages (B,) (or (B, T)) from
+    grpo_advantages; mask (B, T); beta >= 0; clip_eps in (0, 1); clip_eps_high (DAPO's
+    clip-higher) defaults to clip_eps. Returns (loss, stats) with clip_fraction and kl
+    (the token mean of k3).
+    """
+    _check_option(loss_type, GRPO_LOSS_TYPES, "loss_type")
+    _check_nonnegative(beta, "beta")
+    eps_high = _check_clip(clip_eps, clip_eps_high)
+    logp = _tensor(logp, "logp")
+    m = _mask(mask, logp)
+    old_logp = _keep(_const(old_logp, logp, "old_logp", logp.shape), m)
+    A = _keep(_per_sequence(advantages, logp, "advantages"), m)
+    logp = _keep(logp, m)
+    ratio = _safe_log_ratio(logp, old_logp).exp()
+    per_token, clipped = _clipped_surrogate(ratio, A, clip_eps, eps_high)
+    stats = {"clip_fraction": _fraction(clipped, m)}
+    if ref_logp is None:
+        if beta != 0:
+            raise ValueError(f"ref_logp: needed when beta != 0 (got beta={beta})")
+    else:
+        k3 = kl_estimate(logp, _keep(_const(ref_logp, logp, "ref_logp", logp.shape), m), "k3")
+        stats["kl"] = _fraction(k3.data, m)
+        if beta != 0:
+            per_token = per_token + beta * k3
+    return _aggregate(per_token, m, loss_type), stats
+
+
+def gspo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, clip_eps=3e-4, clip_eps_high=4e-4):
+    """GSPO (Zheng et al. 2025, Group Sequence Policy Optimization): GRPO with one ratio per sequence,
+
+        s_i = (π(y_i)/π_old(y_i))^{1/|y_i|} = exp( (1/|y_i|) Σ_t m_t log(π(y_t)/π_old(y_t)) ),
+        L = mean_i −min(s_i A_i, clip(s_i, 1−ε_low, 1+ε_high) A_i)  [+ β · mean_i token-mean k3]
+
+    the geometric mean of the token ratios, clipped as a whole (the paper's ε are ~3e-4 and
+    4e-4 because s_i is length-normalised). Arguments as in grpo_loss, with advantages (B,);
+    beta defaults to 0 (the paper uses no KL term). Returns (loss, stats) with clip_fraction
+    (share of sequences clipped) and kl.
+    """
+    _check_nonnegative(beta, "beta")
+    eps_high = _check_clip(clip_eps, clip_eps_high)
+    logp = _tensor(logp, "logp")
+    m = _mask(mask, logp)
+    xp = logp.xp
+    A = _const(advantages, logp, "advantages", (logp.shape[0],))
+    lengths = xp.maximum(m.sum(axis=1), 1.0)
+    logp = _keep(logp, m)
+    old_logp = _keep(_const(old_logp, logp, "old_logp", logp.shape), m)
+    seq_log_ratio = (logp - old_logp).sum(axis=1) / lengths
+    s = F.clip(seq_log_ratio, -MAX_LOG_RATIO, MAX_LOG_RATIO).exp()
+    per_seq, clipped = _clipped_surrogate(s, A, clip_eps, eps_high)
+    loss = per_seq.mean()
+    stats = {"clip_fraction": clipped.astype(logp.dtype).mean()}
+    if ref_logp is None:
+        if beta != 0:
+            raise ValueError(f"ref_logp: needed when beta != 0 (got beta={beta})")
+    else:
+        k3 = kl_estimate(logp, _keep(_const(ref_logp, logp, "ref_logp", logp.shape), m), "k3")
+        stats["kl"] = _fraction(k3.data, m)
+        if beta != 0:
+            loss = loss + beta * _aggregate(k3, m, "grpo")
+    return loss, stats
+
+
+# ------------------------------------------------------ preference (DPO)
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "cdpo")
+
+
+def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type="sigmoid",
+             label_smoothing=0.0):
+    """Direct preference optimisation on sequence log-probs. With
+    h = log π(y_w)/π_ref(y_w) − log π(y_l)/π_ref(y_l) and z = β·h:
+
+      "sigmoid"  −log σ(z)                                 DPO, Rafailov et al. 2023, eq. 7
+      "cdpo"     −(1−ε) log σ(z) − ε log σ(−z)             conservative DPO (Mitchell 2023): the sigmoid
+                                                           loss averaged over label flips with rate ε
+      "robust"   (−(1−ε) log σ(z) + ε log σ(−z)) / (1−2ε)  robust DPO (Chowdhury et al. 2024): averaged
+                                                           over flips with rate ε it is the clean loss
+      "hinge"    max(0, 1 − z)                             SLiC's hinge (Zhao et al. 2023)
+      "ipo"      (h − 1/(2β))²                             IPO, Azar et al. 2023, eq. 17
+
+    pi_chosen, pi_rejected (B,): log π(y_w|x), log π(y_l|x) under the policy (with gradient);
+    ref_chosen, ref_rejected (B,): the same under the frozen reference; beta > 0;
+    label_smoothing ε in [0, 0.5) for "cdpo" and "robust" (must be 0 otherwise).
+    Returns (loss, chosen_rewards, rejected_rewards): the batch-mean loss and the detached
+    implicit rewards β log(π/π_ref) of each response, (B,).
+    """
+    _check_option(loss_type, DPO_LOSS_TYPES, "loss_type")
+    _check_positive(beta, "beta")
+    if loss_type in ("cdpo", "robust"):
+        if not 0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing: must lie in [0, 0.5) for loss_type {loss_type!r}, "
+                             f"got {label_smoothing}")
+    elif label_smoothing != 0:
+        raise ValueError(f"label_smoothing: only loss_type 'cdpo' or 'robust' use it; got {label_smoothing} "
+                         f"with loss_type {loss_type!r}")
+    pi_chosen = _tensor(pi_chosen, "pi_chosen")
+    shape = pi_chosen.shape
+    pi_rejected = _tensor(pi_rejected, "pi_rejected")
+    if pi_rejected.shape != shape:
+        raise ValueError(f"pi_rejected: shape {pi_rejected.shape} does not match pi_chosen's {shape}")
+    chosen_log_ratio = pi_chosen - _const(ref_chosen, pi_chosen, "ref_chosen", shape)
+    rejected_log_ratio = pi_rejected - _const(ref_rejected, pi_chosen, "ref_rejected", shape)
+    h = chosen_log_ratio - rejected_log_ratio
+    z = beta * h
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        per_pair = -F.log_sigmoid(z)
+    elif loss_type == "cdpo":
+        per_pair = -(1 - eps) * F.log_sigmoid(z) - eps * F.log_sigmoid(-z)
+    elif loss_type == "robust":
+        per_pair = (-(1 - eps) * F.log_sigmoid(z) + eps * F.log_sigmoid(-z)) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        per_pair = F.relu(1 - z)
+    else:
+        per_pair = (h - 1 / (2 * beta)) ** 2
+    return per_pair.mean(), beta * chosen_log_ratio.detach(), beta * rejected_log_ratio.detach()
+
+
+def simpo_loss(pi_chosen, pi_rejected, len_chosen, len_rejected, beta=2.0, gamma=1.0):
+    """SimPO (Meng et al. 2024, eq. 6): reference-free, length-averaged, with a target margin γ:
+
+        L = mean −log σ( β/|y_w| · log π(y_w) − β/|y_l| · log π(y_l) − γ )
+
+    pi_chosen, pi_rejected (B,) sequence log-probs with gradient; len_chosen, len_rejected
+    (B,) response lengths in tokens (>= 1); beta > 0; gamma the margin. Returns
+    (loss, chosen_rewards, rejected_rewards) with the detached rewards β/|y| · log π(y).
+    """
+    _check_positive(beta, "beta")
+    pi_chosen = _tensor(pi_chosen, "pi_chosen")
+    pi_rejected = _tensor(pi_rejected, "pi_rejected")
+    shape = pi_chosen.shape
+    len_w = _const(len_chosen, pi_chosen, "len_chosen", shape)
+    len_l = _const(len_rejected, pi_chosen, "len_rejected", shape)
+    chosen = beta * pi_chosen / F.maximum(len_w, 1.0)
+    rejected = beta * pi_rejected / F.maximum(len_l, 1.0)
+    loss = -F.log_sigmoid(chosen - rejected - gamma).mean()
+    return loss, chosen.detach(), rejected.detach()
+
+
+def log1mexp(x):
+    """log(1 − e^x) for x < 0 without cancellation (Mächler 2012): log(−expm1(x)) for x > −log 2,
+    log1p(−e^x) below. d/dx = −1/expm1(−x)."""
+    xp = x.xp
+    d = x.data
+    tiny = np.finfo(d.dtype).tiny
+    out = xp.where(d > -math.log(2), xp.log(-xp.expm1(xp.minimum(d, -tiny))),
+                   xp.log1p(-xp.exp(xp.minimum(d, -math.log(2)))))
+    return Tensor._from_op(out, (x,), lambda g: (-g / xp.expm1(-d),), "log1mexp")
+
+
+def orpo_loss(logp_chosen, logp_rejected, mask_chosen, mask_rejected, lam=0.1):
+    """ORPO (Hong et al. 2024, eqs. 6–7): SFT on the chosen response plus an odds-ratio penalty,
+
+        P(y) = exp( (1/|y|) Σ_t log π(y_t) ),   log odds(y) = log P(y) − log(1 − P(y)),
+        L = NLL(y_w) + λ · mean −log σ( log odds(y_w) − log odds(y_l) )
+
+    with NLL the token-mean cross-entropy of the chosen responses. log(1 − P) is computed
+    by a stable log1mexp; the mean log-prob is capped just below 0 (−finfo.eps) so P = 1
+    gives a large finite value, not inf. logp_chosen, logp_rejected (B, T) per-token
+    log-probs with gradient; mask_chosen, mask_rejected (B, T); lam >= 0.
+    Returns (loss, stats) with nll, odds_ratio_loss and log_odds_ratio (0-d arrays).
+    """
+    _check_nonnegative(lam, "lam")
+    logp_chosen = _tensor(logp_chosen, "logp_chosen")
+    logp_rejected = _tensor(logp_rejected, "logp_rejected")
+    if logp_rejected.shape[0] != logp_chosen.shape[0]:
+        raise ValueError(f"logp_rejected: batch size {logp_rejected.shape[0]} does not match logp_chosen's "
+                         f"{logp_chosen.shape[0]}")
+    m_w = _mask(mask_chosen, logp_chosen, "mask_chosen")
+    m_l = _mask(mask_rejected, logp_rejected, "mask_rejected")
+    xp = logp_chosen.xp
+    below_zero = -float(np.finfo(logp_chosen.dtype).eps)
+
+    def log_odds(logp, m):
+        mean_logp = _keep(logp, m).sum(axis=1) / xp.maximum(m.sum(axis=1), 1.0)
+        mean_logp = F.clip(mean_logp, None, below_zero)
+        return mean_logp - log1mexp(mean_logp)
+
+    log_odds_ratio = log_odds(logp_chosen, m_w) - log_odds(logp_rejected, m_l)
+    odds_ratio_loss = -F.log_sigmoid(log_odds_ratio).mean()
+    nll = -_keep(logp_chosen, m_w).sum() / xp.maximum(m_w.sum(), 1.0)
+    stats = {"nll": nll.data, "odds_ratio_loss": odds_ratio_loss.data, "log_odds_ratio": log_odds_ratio.data.mean()}
+    return nll + lam * odds_ratio_loss, stats
+
+
+def kto_loss(pi_logp, ref_logp, desirable, z0, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):
+    """KTO (Ethayarajh et al. 2024, §4): Kahneman-Tversky value on unpaired examples,
+
+        r = log π(y|x)/π_ref(y|x),   z0 = max(0, KL anchor) (detached)
+        v = λ_D σ(β(r − z0))  if y is desirable,   λ_U σ(β(z0 − r))  if undesirable
+        L = mean (λ_y − v)
+
+    pi_logp, ref_logp (B,) sequence log-probs under the policy (with gradient) and the
+    reference; desirable (B,) booleans; z0 the reference point: an estimate of
+    KL(π ‖ π_ref), e.g. mean(log π(y'|x) − log π_ref(y'|x)) over responses y' paired with
+    mismatched prompts x — a number or a Tensor; it is clamped at 0 and detached, so no
+    gradient flows through it. beta > 0; desirable_weight λ_D, undesirable_weight λ_U >= 0.
+    Returns (loss, rewards) with the detached implicit rewards β·r, (B,).
+    """
+    _check_positive(beta, "beta")
+    _check_nonnegative(desirable_weight, "desirable_weight")
+    _check_nonnegative(undesirable_weight, "undesirable_weight")
+    pi_logp = _tensor(pi_logp, "pi_logp")
+    shape = pi_logp.shape
+    log_ratio = pi_logp - _const(ref_logp, pi_logp, "ref_logp", shape)
+    d = _array(desirable, pi_logp)
+    if tuple(d.shape) != tuple(shape):
+        raise ValueError(f"desirable: expected shape {tuple(shape)}, got {tuple(d.shape)}")
+    d = d.astype(bool)
+    z0 = F.maximum(_const(z0, pi_logp, "z0"), 0.0)
+    value = F.where(d, desirable_weight * F.sigmoid(beta * (log_ratio - z0)),
+                    undesirable_weight * F.sigmoid(beta * (z0 - log_ratio)))
+    weight = pi_logp.xp.where(d, desirable_weight, undesirable_weight).astype(pi_logp.dtype)
+    return (weight - value).mean(), beta * log_ratio.detach()
