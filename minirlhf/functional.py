@@ -26,6 +26,9 @@ def _tensor(x, like, op):
         return x
     if not (isinstance(x, np.ndarray) or backend.is_cupy_array(x)):
         x = np.asarray(x)
+        if x.ndim == 0 and like.device == "cuda":
+            # a fill kernel, not a host→device copy (which can wait for the GPU) for every constant
+            x = like.xp.full((), x.item(), dtype=x.dtype)
     if backend.device_of(x) != like.device:
         raise RuntimeError(f"{op}: got a {backend.device_of(x)} array with a {like.device} tensor; "
                            "move one with .to(device) first")
@@ -103,13 +106,14 @@ def pow(a, exponent):
     if isinstance(exponent, numbers.Number) and isinstance(a, Tensor):
         p = exponent
         out = a.data ** p
-        return Tensor._from_op(out, (a,), lambda g: (g * p * a.data ** (p - 1),), "pow")
+        # p = 0: the derivative is 0 everywhere, also at a = 0 where p·a^(p−1) would be 0·inf
+        return Tensor._from_op(out, (a,), lambda g: (g * p * a.data ** (p - 1) if p != 0 else g * 0,), "pow")
     a, b = _pair(a, exponent, "pow")
     out = a.data ** b.data
 
     def backward(g):
         xp = a.xp
-        return (g * b.data * a.data ** (b.data - 1) if a.requires_grad else None,
+        return (g * xp.where(b.data == 0, 0, b.data * a.data ** (b.data - 1)) if a.requires_grad else None,
                 g * out * xp.log(xp.where(a.data > 0, a.data, 1)) if b.requires_grad else None)
     return Tensor._from_op(out, (a, b), backward, "pow")
 
@@ -180,7 +184,7 @@ def max(x, axis=None, keepdims=False):
     def backward(g):
         if not keepdims:
             g = xp.expand_dims(g, axes)
-        is_max = (x.data == m)
+        is_max = (x.data == m).astype(g.dtype)
         return (g * is_max / is_max.sum(axis=axes, keepdims=True),)
     out = m if keepdims else m.squeeze(axis=axes)
     return Tensor._from_op(out, (x,), backward, "max")
@@ -264,7 +268,7 @@ def gelu(x):
     """GPT-2's GELU: ½ x (1 + tanh(√(2/π) (x + 0.044715 x³)))."""
     xp = x.xp
     d = x.data
-    t = xp.tanh(_GELU_C * (d + 0.044715 * d ** 3))
+    t = xp.tanh(_GELU_C * (d + 0.044715 * (d * d * d)))  # not d ** 3: NumPy calls powf per element, ~100x slower
     out = 0.5 * d * (1 + t)
 
     def backward(g):
@@ -347,9 +351,11 @@ def expand(x, shape):
 
 
 def _is_basic_key(key):
-    """True for keys made of ints, slices, None and Ellipsis only (no repeated elements)."""
+    """True for keys that select each element at most once: ints, slices, None, Ellipsis and
+    boolean masks (only integer arrays can repeat an element)."""
     items = key if isinstance(key, tuple) else (key,)
-    return all(k is None or k is Ellipsis or isinstance(k, (slice, numbers.Integral)) for k in items)
+    return all(k is None or k is Ellipsis or isinstance(k, (slice, numbers.Integral))
+               or getattr(k, "dtype", None) == bool for k in items)
 
 
 def index(x, key):
@@ -382,24 +388,31 @@ def index(x, key):
 
 
 def gather(x, axis, index):
-    """out[..., i, ...] = x[..., index[..., i, ...], ...] along ``axis`` (torch.gather, np.take_along_axis)."""
+    """out[..., i, ...] = x[..., index[..., i, ...], ...] along ``axis`` (torch.gather).
+
+    As in torch, ``index`` has x's number of axes and may be smaller than x along the others.
+    """
     idx = _int_index(index, "gather")
     if backend.device_of(idx) != x.device:
         raise RuntimeError(f"gather: index is on {backend.device_of(idx)}, input on {x.device}")
     xp = x.xp
     axis = axis % x.ndim
-    if idx.size and (idx.min() < -x.shape[axis] or idx.max() >= x.shape[axis]):
+    if idx.ndim != x.ndim or any(i != axis and n > m for i, (n, m) in enumerate(zip(idx.shape, x.shape))):
+        raise ValueError(f"gather: index of shape {idx.shape} does not fit input of shape {x.shape}; expected "
+                         f"{x.ndim} axes, each no longer than the input's except axis {axis}")
+    # the range check reads the indices back to the host; on CuPy it is skipped (out-of-range indices wrap)
+    if idx.size and not backend.is_cupy_array(idx) and (idx.min() < 0 or idx.max() >= x.shape[axis]):
         raise IndexError(f"gather: index values must lie in [0, {x.shape[axis]}) for axis {axis} of shape "
                          f"{x.shape}, got min {int(idx.min())} max {int(idx.max())}")
-    out = xp.take_along_axis(x.data, idx, axis=axis)
+    key = list(xp.ix_(*[xp.arange(n) for n in idx.shape]))
+    key[axis] = idx
+    key = tuple(key)
 
     def backward(g):
         grad = xp.zeros(x.shape, dtype=g.dtype)
-        full = list(xp.ix_(*[xp.arange(n) for n in idx.shape]))
-        full[axis] = idx
-        backend.scatter_add(grad, tuple(full), g)
+        backend.scatter_add(grad, key, g)
         return (grad,)
-    return Tensor._from_op(out, (x,), backward, "gather")
+    return Tensor._from_op(x.data[key], (x,), backward, "gather")
 
 
 def embedding(ids, weight):
@@ -408,7 +421,8 @@ def embedding(ids, weight):
     if backend.device_of(idx) != weight.device:
         raise RuntimeError(f"embedding: ids are on {backend.device_of(idx)}, weight on {weight.device}")
     num = weight.shape[0]
-    if idx.size and (idx.min() < 0 or idx.max() >= num):
+    # the range check reads the ids back to the host; on CuPy it is skipped (out-of-range ids wrap)
+    if idx.size and not backend.is_cupy_array(idx) and (idx.min() < 0 or idx.max() >= num):
         raise IndexError(f"embedding: ids must lie in [0, {num}) for a table of shape {weight.shape}, got "
                          f"min {int(idx.min())} max {int(idx.max())}")
     xp = weight.xp
@@ -498,7 +512,7 @@ def maximum(a, b):
     """Elementwise max; at ties each input gets half the gradient (as torch.maximum)."""
     a, b = _pair(a, b, "maximum")
     xp = a.xp
-    wa = (a.data > b.data) + 0.5 * (a.data == b.data)
+    wa = ((a.data > b.data) + 0.5 * (a.data == b.data)).astype(a.dtype)
     return Tensor._from_op(xp.maximum(a.data, b.data), (a, b), lambda g: (g * wa, g * (1 - wa)), "maximum")
 
 
@@ -506,15 +520,40 @@ def minimum(a, b):
     """Elementwise min; at ties each input gets half the gradient (as torch.minimum)."""
     a, b = _pair(a, b, "minimum")
     xp = a.xp
-    wa = (a.data < b.data) + 0.5 * (a.data == b.data)
+    wa = ((a.data < b.data) + 0.5 * (a.data == b.data)).astype(a.dtype)
     return Tensor._from_op(xp.minimum(a.data, b.data), (a, b), lambda g: (g * wa, g * (1 - wa)), "minimum")
 
 
 # --------------------------------------------------------- network layers
 def linear(x, weight, bias=None):
-    """x @ weightᵀ + bias, with weight of shape (out_features, in_features)."""
-    out = matmul(x, transpose(weight, 0, 1))
-    return out if bias is None else out + bias
+    """x @ weightᵀ + bias, with weight of shape (out_features, in_features).
+
+    Leading axes are flattened to one, so forward and each gradient are a single matrix product
+    (one BLAS call over all B·T rows rather than one per batch element plus a sum):
+    dx = g W, dW = gᵀ x, db = Σ_rows g.
+    """
+    weight = _tensor(weight, x, "linear")
+    if weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: input of shape {x.shape} and weight of shape {weight.shape} do not fit; "
+                         "expected weight (out_features, in_features) with in_features = input.shape[-1]")
+    if bias is not None:
+        bias = _tensor(bias, x, "linear")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"linear: bias has shape {bias.shape}, expected ({weight.shape[0]},)")
+    x2 = x.data.reshape(-1, x.shape[-1])
+    out = x2 @ weight.data.T
+    if bias is not None:
+        out += bias.data
+
+    def backward(g):
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = (g2 @ weight.data).reshape(x.shape) if x.requires_grad else None
+        gw = g2.T @ x2 if weight.requires_grad else None
+        if bias is None:
+            return gx, gw
+        return gx, gw, (g2.sum(axis=0) if bias.requires_grad else None)
+    parents = (x, weight) if bias is None else (x, weight, bias)
+    return Tensor._from_op(out.reshape(x.shape[:-1] + (weight.shape[0],)), parents, backward, "linear")
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -604,9 +643,20 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale
                          "expected q (..., T, d), k (..., S, d), v (..., S, d_v)")
     k = _tensor(k, q, "scaled_dot_product_attention")
     v = _tensor(v, q, "scaled_dot_product_attention")
+    if attn_mask is not None and backend.device_of(getattr(attn_mask, "data", attn_mask)) != q.device:
+        raise RuntimeError(f"scaled_dot_product_attention: attn_mask is on "
+                           f"{backend.device_of(getattr(attn_mask, 'data', attn_mask))}, q on {q.device}")
     xp = q.xp
     T, S = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if backend.is_cupy_array(q.data):
+        from .kernels import attention as fused
+        m = attn_mask.data if isinstance(attn_mask, Tensor) else attn_mask
+        if fused.supported(q.data, k.data, v.data, m):
+            key_mask = None if m is None else fused.key_mask_of(m, S)
+            out, lse = fused.forward(q.data, k.data, v.data, key_mask, is_causal, scale)
+            return Tensor._from_op(out, (q, k, v), lambda g: fused.backward(
+                q.data, k.data, v.data, out, lse, g, key_mask, is_causal, scale), "fused_attention")
     s = xp.matmul(q.data, xp.swapaxes(k.data, -1, -2)) * scale
     bias = _attention_mask(xp, T, S, is_causal, attn_mask, q.dtype)
     if bias is not None:
@@ -633,6 +683,9 @@ def token_logprobs(logits, targets):
     """log softmax(logits)[..., targets]: log π(y_t | context) for each position.
 
     logits (…, V), targets (…) integer. Backward: g · (onehot(targets) − softmax(logits)).
+    On CuPy (float32) this runs the fused kernels of ``minirlhf.kernels.logprobs``: one read of
+    the logits forward, nothing of their size kept for backward. The range check of the targets
+    runs on NumPy only (on CuPy it would wait for the GPU); there an out-of-range target gives NaN.
     """
     idx = _int_index(targets, "token_logprobs", "targets")
     if backend.device_of(idx) != logits.device:
@@ -641,9 +694,17 @@ def token_logprobs(logits, targets):
         raise ValueError(f"token_logprobs: targets shape {idx.shape} must equal logits shape without its last "
                          f"axis {logits.shape[:-1]}")
     V = logits.shape[-1]
-    if idx.size and (idx.min() < 0 or idx.max() >= V):
+    if idx.size and not backend.is_cupy_array(idx) and (idx.min() < 0 or idx.max() >= V):
         raise IndexError(f"token_logprobs: targets must lie in [0, {V}), got min {int(idx.min())} "
                          f"max {int(idx.max())}")
+    if backend.is_cupy_array(logits.data):
+        from .kernels import logprobs as fused
+        x2 = logits.data.reshape(-1, V)
+        if fused.supported(x2):
+            t = idx.reshape(-1)
+            out, lse = fused.forward(x2, t)
+            return Tensor._from_op(out.reshape(idx.shape), (logits,), lambda g: (
+                fused.backward(x2, t, lse, g.reshape(-1)).reshape(logits.shape),), "fused_token_logprobs")
     xp = logits.xp
     x = logits.data
     m = x.max(axis=-1, keepdims=True)
@@ -666,6 +727,8 @@ def cross_entropy(logits, targets, mask=None, ignore_index=-100):
     An all-masked batch gives 0, not NaN.
     """
     idx = _int_index(targets, "cross_entropy", "targets")
+    if backend.device_of(idx) != logits.device:
+        raise RuntimeError(f"cross_entropy: targets are on {backend.device_of(idx)}, logits on {logits.device}")
     xp = logits.xp
     keep = idx != ignore_index
     if mask is not None:
@@ -673,3 +736,46 @@ def cross_entropy(logits, targets, mask=None, ignore_index=-100):
     w = keep.astype(logits.dtype)
     logp = token_logprobs(logits, xp.where(keep, idx, 0))
     return -(logp * w).sum() / xp.maximum(w.sum(), 1.0)
+
+
+def linear_token_logprobs(hidden, weight, targets, chunk_size=1024):
+    """token_logprobs(hidden @ weightᵀ, targets) without ever holding all the logits.
+
+    hidden (N, C) or (B, T, C), weight (V, C) (the LM head), integer targets (N,) or (B, T).
+    The rows are processed ``chunk_size`` at a time: only a (chunk_size, V) block of logits
+    exists at once, and only lse (one number per row) is kept for the backward, which
+    recomputes each chunk's logits and forms d logits = g · (onehot(targets) − softmax),
+    d hidden = d logits · weight and d weight = Σ_chunks d logitsᵀ · hidden. Peak memory is
+    O(chunk_size · V) instead of O(N · V), for one extra matrix product in the backward.
+    On CuPy (float32) each chunk goes through the fused log-prob kernels.
+    """
+    weight = _tensor(weight, hidden, "linear_token_logprobs")
+    idx = _int_index(targets, "linear_token_logprobs", "targets")
+    if backend.device_of(idx) != hidden.device:
+        raise RuntimeError(f"linear_token_logprobs: targets are on {backend.device_of(idx)}, hidden on "
+                           f"{hidden.device}")
+    if hidden.ndim not in (2, 3) or weight.ndim != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear_token_logprobs: hidden of shape {hidden.shape} and weight of shape {weight.shape} "
+                         "do not fit; expected hidden (N, C) or (B, T, C) and weight (V, C)")
+    if idx.shape != hidden.shape[:-1]:
+        raise ValueError(f"linear_token_logprobs: targets shape {idx.shape} must equal hidden shape without its "
+                         f"last axis {hidden.shape[:-1]}")
+    if not (isinstance(chunk_size, numbers.Integral) and chunk_size > 0):
+        raise ValueError(f"linear_token_logprobs: chunk_size must be a positive integer, got {chunk_size!r}")
+    V = weight.shape[0]
+    if idx.size and not backend.is_cupy_array(idx) and (idx.min() < 0 or idx.max() >= V):
+        raise IndexError(f"linear_token_logprobs: targets must lie in [0, {V}), got min {int(idx.min())} "
+                         f"max {int(idx.max())}")
+    if backend.is_cupy_array(hidden.data):
+        from .kernels import logprobs as impl
+    else:
+        from .kernels import reference as impl
+    h2 = hidden.data.reshape(-1, hidden.shape[-1])
+    t = idx.reshape(-1)
+    out, lse = impl.linear_logprobs_forward(h2, weight.data, t, chunk_size)
+
+    def backward(g):
+        dh, dw = impl.linear_logprobs_backward(h2, weight.data, t, lse, g.reshape(-1), chunk_size,
+                                               hidden.requires_grad, weight.requires_grad)
+        return (None if dh is None else dh.reshape(hidden.shape)), dw
+    return Tensor._from_op(out.reshape(idx.shape), (hidden, weight), backward, "linear_token_logprobs")

@@ -83,7 +83,8 @@ class Tensor:
     def _from_op(cls, data, parents, backward, op):
         """The output of ``op``; it joins the graph if grad is on and any parent needs grad."""
         out = cls.__new__(cls)
-        out.data = data
+        # NumPy reductions to one element return scalars (np.float32), not 0-d arrays
+        out.data = data if isinstance(data, np.ndarray) or backend.is_cupy_array(data) else np.asarray(data)
         out.grad = None
         out._freed = False
         out._op = op
@@ -194,7 +195,7 @@ class Tensor:
             if g is None:
                 continue
             if node._op is None:
-                node.grad = g.copy() if node.grad is None else node.grad + g
+                node.grad = node.xp.array(g) if node.grad is None else node.xp.asarray(node.grad + g)
                 continue
             if node._freed:
                 raise RuntimeError(f"backward: reached a freed part of the graph (op {node._op}); it was used by "
@@ -204,6 +205,8 @@ class Tensor:
                     continue
                 if pg.shape != parent.shape:
                     pg = unbroadcast(pg, parent.shape)
+                if pg.dtype != parent.dtype:  # a float32 input of a float64 op gets a float32 gradient
+                    pg = pg.astype(parent.dtype)
                 key = id(parent)
                 grads[key] = pg if key not in grads else grads[key] + pg
             if not retain_graph:
