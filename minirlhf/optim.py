@@ -4,6 +4,8 @@ Updates are written in place into ``p.data``; ``p.grad`` is only read.
 """
 import math
 
+import numpy as np
+
 from . import backend
 from .tensor import no_grad
 
@@ -43,7 +45,7 @@ class Optimizer:
         out = {}
         for k, (g, p) in enumerate((g, p) for g in self.param_groups for p in g["params"]):
             for name, buf in self.state.get(id(p), {}).items():
-                out[f"{k}.{name}"] = buf
+                out[f"{k}.{name}"] = np.asarray(buf, dtype=np.int64) if name == "step" else buf
         return {"step": self.step_count, "buffers": out, "lr": [g["lr"] for g in self.param_groups]}
 
     def load_state_dict(self, state):
@@ -52,6 +54,9 @@ class Optimizer:
         for key, buf in state["buffers"].items():
             k, name = key.split(".", 1)
             p = params[int(k)]
+            if name == "step":
+                self.state.setdefault(id(p), {})[name] = int(buf)
+                continue
             if tuple(buf.shape) != p.shape:
                 raise ValueError(f"load_state_dict: buffer {key} has shape {tuple(buf.shape)}, parameter {p.shape}")
             self.state.setdefault(id(p), {})[name] = p.xp.asarray(buf, dtype=p.dtype).copy()
@@ -101,13 +106,15 @@ class AdamW(Optimizer):
     @no_grad()
     def step(self):
         self.step_count += 1
-        t = self.step_count
         for g, p in self._params_with_grad():
             b1, b2 = g["betas"]
             st = self.state.setdefault(id(p), {})
             if "m" not in st:
                 st["m"] = p.xp.zeros_like(p.data)
                 st["v"] = p.xp.zeros_like(p.data)
+                st["step"] = 0
+            st["step"] += 1  # per parameter, as torch: a parameter that joins late starts its own bias correction
+            t = st["step"]
             m, v = st["m"], st["v"]
             if g["weight_decay"]:
                 p.data *= 1 - g["lr"] * g["weight_decay"]

@@ -201,3 +201,21 @@ def test_warmup_cosine_sets_every_groups_lr_each_step():
         sched.step()
     np.testing.assert_allclose([s[0] for s in seen], [optim.cosine_lr(s, 1.0, 2, 6) for s in range(7)])
     np.testing.assert_allclose([s[1] for s in seen], [optim.cosine_lr(s, 0.1, 2, 6) for s in range(7)])
+
+
+def test_adamw_bias_correction_counts_steps_per_parameter_as_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    a0, b0 = rng.standard_normal(5), rng.standard_normal(3)
+    a, b = nn.Parameter(a0, dtype=np.float64), nn.Parameter(b0, dtype=np.float64)
+    ta, tb = torch.tensor(a0, requires_grad=True), torch.tensor(b0, requires_grad=True)
+    opt = optim.AdamW([a, b], lr=0.1, weight_decay=0.1)
+    topt = torch.optim.AdamW([ta, tb], lr=0.1, weight_decay=0.1)
+    for i in range(10):
+        a.grad, ta.grad = np.sin(a.data + i), torch.sin(ta.detach() + i)
+        if i >= 3:  # b joins late: its first update must use bias correction of step 1
+            b.grad, tb.grad = np.cos(b.data * i), torch.cos(tb.detach() * i)
+        opt.step()
+        topt.step()
+    np.testing.assert_allclose(a.data, ta.detach().numpy(), atol=1e-12)
+    np.testing.assert_allclose(b.data, tb.detach().numpy(), atol=1e-12)
