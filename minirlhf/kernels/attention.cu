@@ -1,0 +1,524 @@
+// Fused scaled-dot-product attention, forward and backward (FlashAttention-2, Dao 2023), fp32.
+//
+//   out = softmax(q kᵀ · scale + mask) v          q (BH, T, D), k (BH, S, D), v (BH, S, D)
+//
+// Memory layout: q, k, v, out, dq, dk, dv are contiguous row-major float32 arrays of shape
+// (BH, rows, D) (BH = batch × heads flattened); lse and delta are (BH, T); key_mask, when given,
+// is a (BH, S) uint8 array, 1 where a key may be attended (left padding). D is 32, 64 or 128.
+//
+// Mask: query i may attend key j iff j < S, key_mask[j] != 0 (if given) and, when causal,
+// j <= i + (S − T) (bottom-right alignment, as F.scaled_dot_product_attention). A query row
+// that may attend no key gets out = 0 and lse = −inf.
+//
+// Forward (one block per BLOCK_M query rows of one (batch, head)):
+//   Q tile stays in shared memory; K and V tiles of BLOCK_N keys stream through shared memory,
+//   each copied with cp.async while the other is in use (K_{j+1} during the softmax and P·V_j of
+//   tile j, V_{j+1} during S_{j+1} = Q K_{j+1}ᵀ). Per tile: S = Q Kᵀ (8×4 register micro-tile per
+//   thread, float4 shared-memory loads), then the
+//   online softmax: m_new = max(m, rowmax S), acc ← acc·e^(m−m_new) + e^(S−m_new) V,
+//   l ← l·e^(m−m_new) + rowsum e^(S−m_new). At the end out = acc / l and lse = m + log l.
+//   Key tiles wholly above the causal diagonal are never loaded. The T×S matrix never exists:
+//   only a BLOCK_M×BLOCK_N tile of P in shared memory.
+//   Exponentials are exp2f (one instruction) of (x − m)·log2(e): m and lse stay in natural units, so
+//   the backward's S·scale − lse is exactly 0 at a row's maximum even for scores of 1e4 (a base-2
+//   lse would be rounded twice on the way to natural units and back). S·scale is rounded the same
+//   way in both passes (__fmul_rn: never fused into an FMA with the subtraction that follows).
+//
+// Backward (one block per BLOCK_N keys of one (batch, head)), after delta = rowsum(dO ∘ O):
+//   K_j, V_j stay in shared memory; dK_j, dV_j accumulate in registers. For each query tile i
+//   at or below the causal diagonal: recompute S = Q_i K_jᵀ and P = exp(S·scale − lse) (no
+//   second softmax pass: lse was saved), dP = dO_i V_jᵀ, dS = P ∘ (dP − delta);
+//   dV_j += Pᵀ dO_i, dK_j += scale · dSᵀ Q_i, and dQ_i += scale · dS K_j by atomicAdd into
+//   a zeroed fp32 dq (every key block adds its share). S, dP are 4×4 micro-tiles per thread;
+//   P and dS go through shared memory for the three products that contract over them. The next
+//   Q_i, dO_i tiles are copied (cp.async) while the current ones are used, where shared memory
+//   allows it (D <= 64).
+//
+// Scalars must be passed as np.int32 / np.float32 (the launcher does not check types).
+
+#define NEG_INF (__int_as_float(0xff800000))
+#define POS_INF (__int_as_float(0x7f800000))
+
+constexpr int BLOCK_M = 64;        // query rows per tile
+constexpr int BLOCK_N = 64;        // keys per tile
+constexpr int PAD = 4;             // floats of padding per shared row of Q/K/V/dO: spreads rows over banks
+constexpr int P_LD = BLOCK_N + 16; // row stride of the P / dS tiles: rows r and r+1 fall 16 banks apart
+constexpr int FWD_THREADS = 128;   // forward: 8 row groups × 16 column groups, 8×4 scores each
+constexpr int BWD_THREADS = 256;   // backward: 16 × 16 groups, 4×4 scores each
+constexpr int DELTA_THREADS = 256; // delta = rowsum(dO ∘ O): one warp per row
+constexpr float LOG2E = 1.4426950408889634f;
+
+// ------------------------------------------------------------------ copies
+// 16 bytes global → shared; zero-fills when !valid (rows past the end of the sequence).
+// Asynchronous (cp.async, sm_80+) so the copy of the next tile overlaps the arithmetic.
+__device__ __forceinline__ void copy16_async(float* dst, const float* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned dst_addr = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    int src_bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_addr), "l"(src), "r"(src_bytes));
+#else
+    *reinterpret_cast<float4*>(dst) = valid ? *reinterpret_cast<const float4*>(src) : make_float4(0.f, 0.f, 0.f, 0.f);
+#endif
+}
+
+__device__ __forceinline__ void async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Wait until at most `pending` committed groups are still in flight.
+template <int pending>
+__device__ __forceinline__ void async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
+#endif
+}
+
+// Rows [row0, row0 + ROWS) of a (rows, D) matrix into shared memory with row stride D + PAD.
+template <int D, int ROWS, int THREADS>
+__device__ __forceinline__ void load_tile_async(float* dst, const float* src, int row0, int n_rows) {
+    constexpr int CHUNKS = D / 4;  // float4 per row
+    for (int c = threadIdx.x; c < ROWS * CHUNKS; c += THREADS) {
+        int r = c / CHUNKS, col = (c % CHUNKS) * 4;
+        bool valid = row0 + r < n_rows;
+        const float* from = valid ? src + (size_t)(row0 + r) * D + col : src;
+        copy16_async(dst + r * (D + PAD) + col, from, valid);
+    }
+}
+
+// ------------------------------------------------- per-thread output columns
+// A thread owns D/16 of the D output columns: column groups of VEC adjacent floats, so loads
+// and stores are float4 (float2 for D = 32) and the 16 threads of a half-warp cover 16·VEC
+// contiguous columns.
+template <int D>
+struct Columns {
+    static constexpr int N = D / 16;
+    static constexpr int VEC = D >= 64 ? 4 : 2;
+    __device__ static __forceinline__ int col(int tx, int e) { return (e / VEC) * (16 * VEC) + tx * VEC + e % VEC; }
+};
+
+template <int D>
+__device__ __forceinline__ void load_columns(const float* row, int tx, float (&x)[D / 16]) {
+    using C = Columns<D>;
+#pragma unroll
+    for (int g = 0; g < C::N / C::VEC; ++g) {
+        if constexpr (C::VEC == 4) {
+            float4 t = *reinterpret_cast<const float4*>(row + g * 64 + tx * 4);
+            x[4 * g] = t.x; x[4 * g + 1] = t.y; x[4 * g + 2] = t.z; x[4 * g + 3] = t.w;
+        } else {
+            float2 t = *reinterpret_cast<const float2*>(row + g * 32 + tx * 2);
+            x[2 * g] = t.x; x[2 * g + 1] = t.y;
+        }
+    }
+}
+
+template <int D>
+__device__ __forceinline__ void store_columns(float* row, int tx, const float (&x)[D / 16], float factor) {
+    using C = Columns<D>;
+#pragma unroll
+    for (int g = 0; g < C::N / C::VEC; ++g) {
+        if constexpr (C::VEC == 4) {
+            *reinterpret_cast<float4*>(row + g * 64 + tx * 4) =
+                make_float4(x[4 * g] * factor, x[4 * g + 1] * factor, x[4 * g + 2] * factor, x[4 * g + 3] * factor);
+        } else {
+            *reinterpret_cast<float2*>(row + g * 32 + tx * 2) = make_float2(x[2 * g] * factor, x[2 * g + 1] * factor);
+        }
+    }
+}
+
+__device__ __forceinline__ float component(const float4& v, int u) {
+    return u == 0 ? v.x : u == 1 ? v.y : u == 2 ? v.z : v.w;
+}
+
+__device__ __forceinline__ float dot4(const float4& a, const float4& b, float acc) {
+    return fmaf(a.w, b.w, fmaf(a.z, b.z, fmaf(a.y, b.y, fmaf(a.x, b.x, acc))));
+}
+
+// Reductions over the 16 lanes of a half-warp (the threads that share a row of scores).
+__device__ __forceinline__ float half_warp_max(float v) {
+#pragma unroll
+    for (int offset = 8; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+__device__ __forceinline__ float half_warp_sum(float v) {
+#pragma unroll
+    for (int offset = 8; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+__device__ __forceinline__ bool may_attend(int i, int j, int S, int offset, int causal, const unsigned char* key_mask) {
+    return j < S && (!causal || j <= i + offset) && (key_mask == nullptr || key_mask[j] != 0);
+}
+
+// ------------------------------------------------------------------ forward
+template <int D>
+__device__ __forceinline__ void attention_forward_block(const float* __restrict__ q, const float* __restrict__ k,
+                                                        const float* __restrict__ v,
+                                                        const unsigned char* __restrict__ key_mask,
+                                                        float* __restrict__ out, float* __restrict__ lse, int T, int S,
+                                                        float scale, int causal) {
+    constexpr int LD = D + PAD;
+    constexpr int TM = BLOCK_M / 8;   // query rows per thread: ty + 8·i
+    constexpr int TN = BLOCK_N / 16;  // keys per thread: tx + 16·j
+    constexpr int NC = Columns<D>::N; // output columns per thread
+    extern __shared__ __align__(16) float smem[];
+    float* Qs = smem;               // (BLOCK_M, LD)
+    float* Ks = Qs + BLOCK_M * LD;  // (BLOCK_N, LD)
+    float* Vs = Ks + BLOCK_N * LD;  // (BLOCK_N, LD)
+    float* Ps = Vs + BLOCK_N * LD;  // (BLOCK_M, P_LD)
+
+    const int bh = blockIdx.y;
+    // the last query tiles see the most keys: start them first so the tail of the grid is short
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BLOCK_M;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int offset = S - T;
+    const float* qb = q + (size_t)bh * T * D;
+    const float* kb = k + (size_t)bh * S * D;
+    const float* vb = v + (size_t)bh * S * D;
+    const unsigned char* mb = key_mask ? key_mask + (size_t)bh * S : nullptr;
+
+    // keys any row of this tile may see: causal tiles past the diagonal are skipped entirely
+    int n_keys = S;
+    if (causal) n_keys = min(S, max(0, min(q0 + BLOCK_M, T) + offset));
+    const int n_tiles = (n_keys + BLOCK_N - 1) / BLOCK_N;
+
+    load_tile_async<D, BLOCK_M, FWD_THREADS>(Qs, qb, q0, T);
+    async_commit();
+    if (n_tiles > 0) load_tile_async<D, BLOCK_N, FWD_THREADS>(Ks, kb, 0, S);
+    async_commit();
+    if (n_tiles > 0) load_tile_async<D, BLOCK_N, FWD_THREADS>(Vs, vb, 0, S);
+    async_commit();
+
+    float m[TM], l[TM], acc[TM][NC];
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+        m[i] = NEG_INF;
+        l[i] = 0.f;
+#pragma unroll
+        for (int e = 0; e < NC; ++e) acc[i][e] = 0.f;
+    }
+
+    for (int t = 0; t < n_tiles; ++t) {
+        const int k0 = t * BLOCK_N;
+        async_wait<1>();  // Q and K_t have landed (V_t may still be in flight)
+        __syncthreads();
+
+        float s[TM][TN];
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+            for (int j = 0; j < TN; ++j) s[i][j] = 0.f;
+#pragma unroll 4
+        for (int kk = 0; kk < D; kk += 4) {
+            float4 qv[TM], kv[TN];
+#pragma unroll
+            for (int i = 0; i < TM; ++i) qv[i] = *reinterpret_cast<const float4*>(Qs + (ty + 8 * i) * LD + kk);
+#pragma unroll
+            for (int j = 0; j < TN; ++j) kv[j] = *reinterpret_cast<const float4*>(Ks + (tx + 16 * j) * LD + kk);
+#pragma unroll
+            for (int i = 0; i < TM; ++i)
+#pragma unroll
+                for (int j = 0; j < TN; ++j) s[i][j] = dot4(qv[i], kv[j], s[i][j]);
+        }
+        __syncthreads();  // every thread is done with Ks
+        if (t + 1 < n_tiles) load_tile_async<D, BLOCK_N, FWD_THREADS>(Ks, kb, k0 + BLOCK_N, S);
+        async_commit();
+
+        // online softmax
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+            const int row = q0 + ty + 8 * i;
+            float tile_max = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < TN; ++j) {
+                s[i][j] = may_attend(row, k0 + tx + 16 * j, S, offset, causal, mb) ? __fmul_rn(s[i][j], scale) : NEG_INF;
+                tile_max = fmaxf(tile_max, s[i][j]);
+            }
+            const float m_new = fmaxf(m[i], half_warp_max(tile_max));
+            const float m_use = m_new == NEG_INF ? 0.f : m_new;  // a row that has seen no key yet
+            const float alpha = exp2f((m[i] - m_use) * LOG2E);
+            m[i] = m_new;
+            l[i] *= alpha;
+#pragma unroll
+            for (int e = 0; e < NC; ++e) acc[i][e] *= alpha;
+#pragma unroll
+            for (int j = 0; j < TN; ++j) {
+                const float p = exp2f((s[i][j] - m_use) * LOG2E);
+                l[i] += p;  // a partial sum per thread; the 16 partial sums are added once, at the end
+                Ps[(ty + 8 * i) * P_LD + tx + 16 * j] = p;
+            }
+        }
+        async_wait<1>();  // V_t has landed (K_{t+1} may still be in flight)
+        __syncthreads();  // ... and P is in shared memory
+
+#pragma unroll 2
+        for (int c = 0; c < BLOCK_N; c += 4) {
+            float4 pv[TM];
+#pragma unroll
+            for (int i = 0; i < TM; ++i) pv[i] = *reinterpret_cast<const float4*>(Ps + (ty + 8 * i) * P_LD + c);
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                float vv[NC];
+                load_columns<D>(Vs + (c + u) * LD, tx, vv);
+#pragma unroll
+                for (int i = 0; i < TM; ++i) {
+                    const float p = component(pv[i], u);
+#pragma unroll
+                    for (int e = 0; e < NC; ++e) acc[i][e] = fmaf(p, vv[e], acc[i][e]);
+                }
+            }
+        }
+        __syncthreads();  // every thread is done with Vs and Ps
+        if (t + 1 < n_tiles) load_tile_async<D, BLOCK_N, FWD_THREADS>(Vs, vb, k0 + BLOCK_N, S);
+        async_commit();
+    }
+    async_wait<0>();
+
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+        const int row = q0 + ty + 8 * i;
+        const float l_row = half_warp_sum(l[i]);
+        if (row < T) {
+            const size_t at = (size_t)bh * T + row;
+            store_columns<D>(out + at * D, tx, acc[i], l_row > 0.f ? 1.f / l_row : 0.f);
+            if (tx == 0) lse[at] = l_row > 0.f ? m[i] + logf(l_row) : NEG_INF;
+        }
+    }
+}
+
+// ---------------------------------------------------------------- backward
+// delta[r] = Σ_n dO[r, n] · O[r, n], the row term of the softmax gradient (one warp per row).
+extern "C" __global__ void __launch_bounds__(DELTA_THREADS)
+attention_backward_delta(const float* __restrict__ out, const float* __restrict__ dout, float* __restrict__ delta,
+                         int rows, int D) {
+    const int lane = threadIdx.x % 32;
+    const long long row = (long long)blockIdx.x * (DELTA_THREADS / 32) + threadIdx.x / 32;
+    if (row >= rows) return;
+    const float4* o = reinterpret_cast<const float4*>(out + row * D);
+    const float4* g = reinterpret_cast<const float4*>(dout + row * D);
+    float sum = 0.f;
+    for (int c = lane; c < D / 4; c += 32) sum = dot4(o[c], g[c], sum);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (lane == 0) delta[row] = sum;
+}
+
+// Query tiles are double-buffered (the next Q, dO tile is copied while this one is used) where
+// shared memory allows: D <= 64. For D = 128 one buffer already takes 176 KB.
+template <int D>
+struct BackwardStages {
+    static constexpr int N = D <= 64 ? 2 : 1;
+};
+
+template <int D>
+__device__ __forceinline__ void attention_backward_block(const float* __restrict__ q, const float* __restrict__ k,
+                                                         const float* __restrict__ v,
+                                                         const unsigned char* __restrict__ key_mask,
+                                                         const float* __restrict__ lse,
+                                                         const float* __restrict__ delta,
+                                                         const float* __restrict__ dout, float* __restrict__ dq,
+                                                         float* __restrict__ dk, float* __restrict__ dv, int T, int S,
+                                                         float scale, int causal) {
+    constexpr int LD = D + PAD;
+    constexpr int TM = BLOCK_M / 16;  // score rows per thread: ty + 16·i
+    constexpr int TN = BLOCK_N / 16;  // score columns per thread: tx + 16·j
+    constexpr int NC = Columns<D>::N;
+    constexpr int TK = BLOCK_N / 16;  // dK/dV rows per thread: ty·4 + i
+    constexpr int TQ = BLOCK_M / 16;  // dQ rows per thread: ty·4 + i
+    constexpr int STAGES = BackwardStages<D>::N;
+    extern __shared__ __align__(16) float smem[];
+    float* Ks = smem;                            // (BLOCK_N, LD), resident
+    float* Vs = Ks + BLOCK_N * LD;               // (BLOCK_N, LD), resident
+    float* Q_stages = Vs + BLOCK_N * LD;         // STAGES × (BLOCK_M, LD)
+    float* dO_stages = Q_stages + STAGES * BLOCK_M * LD;  // STAGES × (BLOCK_M, LD)
+    float* Ps = dO_stages + STAGES * BLOCK_M * LD;        // (BLOCK_M, P_LD)
+    float* dSs = Ps + BLOCK_M * P_LD;                     // (BLOCK_M, P_LD)
+
+    const int bh = blockIdx.y;
+    const int k0 = blockIdx.x * BLOCK_N;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int offset = S - T;
+    const float* qb = q + (size_t)bh * T * D;
+    const float* kb = k + (size_t)bh * S * D;
+    const float* vb = v + (size_t)bh * S * D;
+    const float* dob = dout + (size_t)bh * T * D;
+    const unsigned char* mb = key_mask ? key_mask + (size_t)bh * S : nullptr;
+
+    // causal: query i sees key k0 only if i >= k0 − offset; earlier query tiles are skipped
+    const int first_query = causal ? max(0, k0 - offset) : 0;
+    const int first_tile = first_query / BLOCK_M;
+    const int n_tiles = first_query < T ? (T + BLOCK_M - 1) / BLOCK_M : 0;
+    auto load_query_tile = [&](int qt, int stage) {
+        load_tile_async<D, BLOCK_M, BWD_THREADS>(Q_stages + stage * BLOCK_M * LD, qb, qt * BLOCK_M, T);
+        load_tile_async<D, BLOCK_M, BWD_THREADS>(dO_stages + stage * BLOCK_M * LD, dob, qt * BLOCK_M, T);
+    };
+
+    load_tile_async<D, BLOCK_N, BWD_THREADS>(Ks, kb, k0, S);
+    load_tile_async<D, BLOCK_N, BWD_THREADS>(Vs, vb, k0, S);
+    async_commit();
+    if (STAGES == 2 && first_tile < n_tiles) load_query_tile(first_tile, 0);
+    async_commit();
+
+    float dk_acc[TK][NC], dv_acc[TK][NC];
+#pragma unroll
+    for (int i = 0; i < TK; ++i)
+#pragma unroll
+        for (int e = 0; e < NC; ++e) dk_acc[i][e] = dv_acc[i][e] = 0.f;
+
+    for (int qt = first_tile; qt < n_tiles; ++qt) {
+        const int q0 = qt * BLOCK_M;
+        const int stage = STAGES == 2 ? (qt - first_tile) & 1 : 0;
+        const float* Qs = Q_stages + stage * BLOCK_M * LD;
+        const float* dOs = dO_stages + stage * BLOCK_M * LD;
+        if constexpr (STAGES == 2) {
+            if (qt + 1 < n_tiles) load_query_tile(qt + 1, stage ^ 1);
+            async_commit();
+            async_wait<1>();  // this tile has landed; the next one may still be in flight
+        } else {
+            load_query_tile(qt, 0);
+            async_commit();
+            async_wait<0>();
+        }
+        // lse (+inf where P must be 0: rows past T, rows that attend nothing) and delta
+        float row_lse[TM], row_delta[TM];
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+            const int row = q0 + ty + 16 * i;
+            const float l = row < T ? lse[(size_t)bh * T + row] : NEG_INF;
+            row_lse[i] = l == NEG_INF ? POS_INF : l;
+            row_delta[i] = row < T ? delta[(size_t)bh * T + row] : 0.f;
+        }
+        __syncthreads();
+
+        // S = Q Kᵀ and dP = dO Vᵀ on the same 4×4 micro-tile
+        float s[TM][TN], dp[TM][TN];
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+            for (int j = 0; j < TN; ++j) s[i][j] = dp[i][j] = 0.f;
+#pragma unroll 2
+        for (int kk = 0; kk < D; kk += 4) {
+            float4 qv[TM], gv[TM], kv[TN], vv[TN];
+#pragma unroll
+            for (int i = 0; i < TM; ++i) {
+                qv[i] = *reinterpret_cast<const float4*>(Qs + (ty + 16 * i) * LD + kk);
+                gv[i] = *reinterpret_cast<const float4*>(dOs + (ty + 16 * i) * LD + kk);
+            }
+#pragma unroll
+            for (int j = 0; j < TN; ++j) {
+                kv[j] = *reinterpret_cast<const float4*>(Ks + (tx + 16 * j) * LD + kk);
+                vv[j] = *reinterpret_cast<const float4*>(Vs + (tx + 16 * j) * LD + kk);
+            }
+#pragma unroll
+            for (int i = 0; i < TM; ++i)
+#pragma unroll
+                for (int j = 0; j < TN; ++j) {
+                    s[i][j] = dot4(qv[i], kv[j], s[i][j]);
+                    dp[i][j] = dot4(gv[i], vv[j], dp[i][j]);
+                }
+        }
+        // P = exp(S·scale − lse) and dS = P ∘ (dP − delta), into shared memory
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+            const int r = ty + 16 * i;
+#pragma unroll
+            for (int j = 0; j < TN; ++j) {
+                const int c = tx + 16 * j;
+                const float p = may_attend(q0 + r, k0 + c, S, offset, causal, mb)
+                                    ? exp2f((__fmul_rn(s[i][j], scale) - row_lse[i]) * LOG2E) : 0.f;
+                Ps[r * P_LD + c] = p;
+                dSs[r * P_LD + c] = p * (dp[i][j] - row_delta[i]);
+            }
+        }
+        __syncthreads();
+
+        // dV += Pᵀ dO and dK += dSᵀ Q for keys ty·4 + i
+#pragma unroll 2
+        for (int r = 0; r < BLOCK_M; ++r) {
+            const float4 pr = *reinterpret_cast<const float4*>(Ps + r * P_LD + ty * TK);
+            const float4 dsr = *reinterpret_cast<const float4*>(dSs + r * P_LD + ty * TK);
+            float gr[NC], qr[NC];
+            load_columns<D>(dOs + r * LD, tx, gr);
+            load_columns<D>(Qs + r * LD, tx, qr);
+#pragma unroll
+            for (int i = 0; i < TK; ++i) {
+                const float p = component(pr, i), ds = component(dsr, i);
+#pragma unroll
+                for (int e = 0; e < NC; ++e) {
+                    dv_acc[i][e] = fmaf(p, gr[e], dv_acc[i][e]);
+                    dk_acc[i][e] = fmaf(ds, qr[e], dk_acc[i][e]);
+                }
+            }
+        }
+
+        // dQ += dS K for queries ty·4 + i, added atomically: other key blocks add to the same rows
+        float dq_acc[TQ][NC];
+#pragma unroll
+        for (int i = 0; i < TQ; ++i)
+#pragma unroll
+            for (int e = 0; e < NC; ++e) dq_acc[i][e] = 0.f;
+#pragma unroll 2
+        for (int c = 0; c < BLOCK_N; c += 4) {
+            float4 dsv[TQ];
+#pragma unroll
+            for (int i = 0; i < TQ; ++i) dsv[i] = *reinterpret_cast<const float4*>(dSs + (ty * TQ + i) * P_LD + c);
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                float kr[NC];
+                load_columns<D>(Ks + (c + u) * LD, tx, kr);
+#pragma unroll
+                for (int i = 0; i < TQ; ++i) {
+                    const float ds = component(dsv[i], u);
+#pragma unroll
+                    for (int e = 0; e < NC; ++e) dq_acc[i][e] = fmaf(ds, kr[e], dq_acc[i][e]);
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < TQ; ++i) {
+            const int row = q0 + ty * TQ + i;
+            if (row < T) {
+                float* dq_row = dq + ((size_t)bh * T + row) * D;
+#pragma unroll
+                for (int e = 0; e < NC; ++e) atomicAdd(dq_row + Columns<D>::col(tx, e), dq_acc[i][e] * scale);
+            }
+        }
+        __syncthreads();  // before the next tile's copies and P, dS overwrite these buffers
+    }
+    async_wait<0>();
+
+#pragma unroll
+    for (int i = 0; i < TK; ++i) {
+        const int key = k0 + ty * TK + i;
+        if (key < S) {
+            const size_t at = ((size_t)bh * S + key) * D;
+            store_columns<D>(dv + at, tx, dv_acc[i], 1.f);
+            store_columns<D>(dk + at, tx, dk_acc[i], scale);
+        }
+    }
+}
+
+// --------------------------------------------------------- entry points
+// Grid: forward (ceil(T / BLOCK_M), BH) × FWD_THREADS, backward (ceil(S / BLOCK_N), BH) × BWD_THREADS;
+// dynamic shared memory as computed by minirlhf/kernels/attention.py.
+#define ATTENTION_ENTRY_POINTS(D)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(FWD_THREADS)                                                     \
+    attention_forward_d##D(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, \
+                           const unsigned char* __restrict__ key_mask, float* __restrict__ out,                   \
+                           float* __restrict__ lse, int T, int S, float scale, int causal) {                      \
+        attention_forward_block<D>(q, k, v, key_mask, out, lse, T, S, scale, causal);                             \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(BWD_THREADS)                                                     \
+    attention_backward_d##D(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,\
+                            const unsigned char* __restrict__ key_mask, const float* __restrict__ lse,            \
+                            const float* __restrict__ delta, const float* __restrict__ dout,                      \
+                            float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv, int T, int S, \
+                            float scale, int causal) {                                                            \
+        attention_backward_block<D>(q, k, v, key_mask, lse, delta, dout, dq, dk, dv, T, S, scale, causal);        \
+    }
+
+ATTENTION_ENTRY_POINTS(32)
+ATTENTION_ENTRY_POINTS(64)
+ATTENTION_ENTRY_POINTS(128)

@@ -1,0 +1,167 @@
+"""Fused scaled-dot-product attention on the GPU (FlashAttention-2, Dao 2023): CuPy launchers for attention.cu.
+
+    out = softmax(q kᵀ · scale + mask) v,   q (..., T, d), k (..., S, d), v (..., S, d)
+
+Forward: one CUDA block per 64 query rows of one (batch, head). Keys and values stream through
+shared memory 64 at a time; each thread holds an 8 × 4 patch of the 64 × 64 score tile in
+registers and keeps, per query row, the running maximum m and sum l of the online softmax
+(acc ← e^(m−m')·acc + e^(S−m')·V). Only out and the row log-sum-exp lse = m + log l are
+written: memory O(T·d) instead of the O(T·S) probabilities the plain formula keeps for its
+backward. Causal key tiles past the diagonal are not even loaded (about half the work at T = S).
+
+Backward: delta = rowsum(dO ∘ O), then one block per 64 keys: for every query tile that can
+see them, P = exp(q kᵀ·scale − lse) is recomputed, dV += Pᵀ dO, dS = P ∘ (dO vᵀ − delta),
+dK += scale·dSᵀ q, and scale·dS k is added atomically into dq.
+
+Supported (else ``minirlhf.functional`` uses its plain path): float32; head dim 32, 64 or 128
+(with the shared memory that needs: up to 176 KB per block at d = 128, so sm_80 or newer there);
+q, k, v with the same leading (batch, head) shape; no mask, ``is_causal`` (aligned
+bottom-right), and/or a boolean key-padding mask that is the same for every query
+(shape (..., 1, S) or (S,), True = may attend). Rows that may attend nothing give zeros.
+The NumPy twin of both passes is ``reference.attention_forward`` / ``attention_backward``.
+"""
+import functools
+import math
+
+import numpy as np
+
+from . import kernel
+from .. import backend
+
+BLOCK_M = 64        # query rows per tile (attention.cu)
+BLOCK_N = 64        # keys per tile
+PAD = 4             # floats of padding per shared-memory row
+P_LD = BLOCK_N + 16  # row stride of the shared P and dS tiles
+FWD_THREADS = 128
+BWD_THREADS = 256
+DELTA_THREADS = 256
+HEAD_DIMS = (32, 64, 128)
+_NULL = np.uint64(0)  # a null pointer argument (no key mask)
+_MAX_GRID_Y = 65535
+
+
+def forward_shared_bytes(d):
+    """Q, K, V tiles (64 × (d + PAD) each) and the P tile (64 × P_LD), float32."""
+    return 4 * (3 * BLOCK_M * (d + PAD) + BLOCK_M * P_LD)
+
+
+def backward_shared_bytes(d):
+    """K, V tiles, Q and dO tiles (double-buffered for d <= 64), and the P and dS tiles, float32."""
+    stages = 2 if d <= 64 else 1
+    return 4 * (2 * BLOCK_N * (d + PAD) + 2 * stages * BLOCK_M * (d + PAD) + 2 * BLOCK_M * P_LD)
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory_limit(device_id):
+    """Bytes of shared memory a block may opt in to on this GPU (227 KB on sm_80/sm_90, 64 KB on sm_75)."""
+    import cupy
+    props = cupy.cuda.runtime.getDeviceProperties(device_id)
+    return props.get("sharedMemPerBlockOptin") or props.get("sharedMemPerBlock", 48 * 1024)
+
+
+def key_mask_of(attn_mask, n_keys):
+    """The key-padding mask (..., S) that ``attn_mask`` amounts to, or None if it is not one.
+
+    A boolean mask of shape (S,) or (..., 1, S) lets every query see the same keys; that is the
+    only kind the kernel supports (an additive float mask, or one that differs per query, is not).
+    """
+    if attn_mask is None or getattr(attn_mask, "dtype", None) != np.bool_ or attn_mask.shape[-1] != n_keys:
+        return None
+    if attn_mask.ndim == 1:
+        return attn_mask
+    if attn_mask.shape[-2] != 1:
+        return None
+    return attn_mask[..., 0, :]
+
+
+def supported(q, k, v, attn_mask=None):
+    """True if the fused kernels handle these CuPy arrays (see the module docstring)."""
+    if not (q.dtype == k.dtype == v.dtype == np.float32):
+        return False
+    if q.ndim < 2 or q.ndim != k.ndim or k.ndim != v.ndim:
+        return False
+    d = q.shape[-1]
+    if d not in HEAD_DIMS or k.shape[-1] != d or v.shape[-1] != d:
+        return False
+    if not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]) or k.shape[-2] != v.shape[-2]:
+        return False
+    T, S = q.shape[-2], k.shape[-2]
+    bh = math.prod(q.shape[:-2])
+    if min(T, S, bh) < 1 or bh > _MAX_GRID_Y or bh * max(T, S) * d >= 2 ** 31:
+        return False
+    if backend.is_cupy_array(q):
+        import cupy
+        limit = _shared_memory_limit(cupy.cuda.runtime.getDevice())
+        if max(forward_shared_bytes(d), backward_shared_bytes(d)) > limit:
+            return False
+    if attn_mask is not None:
+        if backend.is_cupy_array(q) != backend.is_cupy_array(attn_mask):
+            return False  # the plain path names the device mismatch
+        km = key_mask_of(attn_mask, S)
+        if km is None:
+            return False
+        try:
+            np.broadcast_shapes(km.shape, q.shape[:-2] + (S,))
+        except ValueError:
+            return False
+    return True
+
+
+def _as_rows(cp, x, bh):
+    """x as a C-contiguous, 16-byte-aligned float32 array of shape (bh, rows, d)."""
+    x = cp.ascontiguousarray(x, dtype=cp.float32)
+    if x.data.ptr % 16:
+        x = x.copy()
+    return x.reshape(bh, x.shape[-2], x.shape[-1])
+
+
+def _key_mask_rows(cp, key_mask, batch, S):
+    if key_mask is None:
+        return _NULL
+    km = cp.broadcast_to(cp.asarray(key_mask, dtype=cp.bool_), batch + (S,))
+    return cp.ascontiguousarray(km.reshape(-1, S).astype(cp.uint8))
+
+
+def forward(q, k, v, key_mask=None, is_causal=False, scale=None):
+    """out (..., T, d) and lse (..., T) of the fused forward; ``key_mask`` broadcastable to (..., S)."""
+    import cupy as cp
+    batch, (T, d), S = q.shape[:-2], q.shape[-2:], k.shape[-2]
+    bh = math.prod(batch)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    q3, k3, v3 = _as_rows(cp, q, bh), _as_rows(cp, k, bh), _as_rows(cp, v, bh)
+    out = cp.empty((bh, T, d), dtype=cp.float32)
+    lse = cp.empty((bh, T), dtype=cp.float32)
+    shared = forward_shared_bytes(d)
+    kernel("attention.cu", f"attention_forward_d{d}", shared)(
+        ((T + BLOCK_M - 1) // BLOCK_M, bh), (FWD_THREADS,),
+        (q3, k3, v3, _key_mask_rows(cp, key_mask, batch, S), out, lse,
+         np.int32(T), np.int32(S), np.float32(scale), np.int32(bool(is_causal))),
+        shared_mem=shared)
+    return out.reshape(q.shape), lse.reshape(q.shape[:-1])
+
+
+def backward(q, k, v, out, lse, dout, key_mask=None, is_causal=False, scale=None):
+    """dq, dk, dv of the fused attention, from the forward's ``out`` and ``lse`` and the output gradient."""
+    import cupy as cp
+    batch, (T, d), S = q.shape[:-2], q.shape[-2:], k.shape[-2]
+    bh = math.prod(batch)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    q3, k3, v3 = _as_rows(cp, q, bh), _as_rows(cp, k, bh), _as_rows(cp, v, bh)
+    o3, do3 = _as_rows(cp, out, bh), _as_rows(cp, dout, bh)
+    lse2 = cp.ascontiguousarray(lse, dtype=cp.float32).reshape(bh, T)
+    delta = cp.empty((bh, T), dtype=cp.float32)
+    rows = bh * T
+    warps_per_block = DELTA_THREADS // 32
+    kernel("attention.cu", "attention_backward_delta")(
+        ((rows + warps_per_block - 1) // warps_per_block,), (DELTA_THREADS,),
+        (o3, do3, delta, np.int32(rows), np.int32(d)))
+    dq = cp.zeros((bh, T, d), dtype=cp.float32)  # key blocks add into it atomically
+    dk = cp.empty((bh, S, d), dtype=cp.float32)
+    dv = cp.empty((bh, S, d), dtype=cp.float32)
+    shared = backward_shared_bytes(d)
+    kernel("attention.cu", f"attention_backward_d{d}", shared)(
+        ((S + BLOCK_N - 1) // BLOCK_N, bh), (BWD_THREADS,),
+        (q3, k3, v3, _key_mask_rows(cp, key_mask, batch, S), lse2, delta, do3, dq, dk, dv,
+         np.int32(T), np.int32(S), np.float32(scale), np.int32(bool(is_causal))),
+        shared_mem=shared)
+    return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
