@@ -437,7 +437,7 @@ def embedding(ids, weight):
 def _mask_array(mask, like, op):
     m = mask.data if isinstance(mask, Tensor) else mask
     if not (isinstance(m, np.ndarray) or backend.is_cupy_array(m)):
-        m = np.asarray(m)
+        m = like.xp.asarray(m)  # Python bools and lists belong to no device yet
     if backend.device_of(m) != like.device:
         raise RuntimeError(f"{op}: mask is on {backend.device_of(m)}, input on {like.device}")
     try:
