@@ -1,0 +1,183 @@
+"""Benchmark: one training step (forward + backward + AdamW) of the same GPT in minirlhf (NumPy) and PyTorch.
+
+GPT(n_layer=4, n_head=4, n_embd=128, vocab 512), batch 16 × T=128, next-token cross-entropy over
+every position. PyTorch runs ``transformers``' GPT2LMHeadModel when installed, else an equivalent
+small module; both start from the same weights. Steps alternate between the two (so drift in the
+machine's speed hits both) and the median of ``--runs`` steps is reported, with the ratio.
+
+torch.set_num_threads is set to the number of threads NumPy's BLAS uses (threadpoolctl's count
+when installed, else OPENBLAS_NUM_THREADS / OMP_NUM_THREADS, else the core count).
+
+    python benchmarks/train_step.py [--runs 15] [--quick] [--profile]
+
+OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are set on some of this project's machines (older OpenBLAS
+builds misbehave on their CPUs) and can slow NumPy's matrix products; the script prints them. To
+measure without them, unset both for that one command:
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/train_step.py
+"""
+import argparse
+import cProfile
+import os
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import minirlhf  # noqa: E402
+import minirlhf.functional as F  # noqa: E402
+from minirlhf.model import GPT, GPTConfig  # noqa: E402
+from minirlhf.optim import AdamW  # noqa: E402
+
+
+def blas_threads():
+    try:
+        from threadpoolctl import threadpool_info
+        counts = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
+        if counts:
+            return max(counts), "threadpoolctl"
+    except ImportError:
+        pass
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        if os.environ.get(var):
+            return int(os.environ[var]), var
+    return os.cpu_count(), "core count"
+
+
+def torch_model(cfg, state):
+    """GPT2LMHeadModel from transformers (or a plain torch GPT-2 if it is missing), loaded with ``state``."""
+    import torch
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        return _plain_torch_gpt(cfg, state), "torch (plain module)"
+    hc = GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
+                    n_positions=cfg.block_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                    attn_implementation="sdpa")
+    model = GPT2LMHeadModel(hc)
+    conv1d = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
+    hf_state = {("transformer." + k): torch.from_numpy(v.T.copy() if k.endswith(conv1d) else v)
+                for k, v in state.items()}
+    model.load_state_dict(hf_state, strict=False)
+    model.tie_weights()
+    return model, "transformers GPT2LMHeadModel"
+
+
+def _plain_torch_gpt(cfg, state):
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            C = cfg.n_embd
+            self.ln_1, self.ln_2 = nn.LayerNorm(C), nn.LayerNorm(C)
+            self.c_attn, self.attn_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+            self.c_fc, self.mlp_proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+        def forward(self, x):
+            B, T, C = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).view(B, T, 3, cfg.n_head, -1).permute(2, 0, 3, 1, 4)
+            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.attn_proj(y.transpose(1, 2).reshape(B, T, C))
+            return x + self.mlp_proj(nn.functional.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+    class GPT2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+            self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+            self.h = nn.ModuleList(Block() for _ in range(cfg.n_layer))
+            self.ln_f = nn.LayerNorm(cfg.n_embd)
+
+        def forward(self, ids, labels=None):
+            x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1]))
+            for block in self.h:
+                x = block(x)
+            logits = self.ln_f(x) @ self.wte.weight.T
+            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+            return type("Out", (), {"loss": loss})
+
+    model = GPT2()
+    renamed = {k.replace("attn.c_proj", "attn_proj").replace("mlp.c_proj", "mlp_proj")
+               .replace("attn.c_attn", "c_attn").replace("mlp.c_fc", "c_fc"): torch.from_numpy(v.copy())
+               for k, v in state.items()}
+    model.load_state_dict(renamed)
+    return model
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--quick", action="store_true", help="3 timed steps of batch 4 (a smoke run)")
+    parser.add_argument("--profile", action="store_true", help="cProfile 5 minirlhf steps and print the top")
+    args = parser.parse_args()
+    if args.quick:
+        args.runs, args.batch = 3, 4
+
+    import torch
+    threads, source = blas_threads()
+    torch.set_num_threads(threads)
+
+    cfg = GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=512, block_size=args.seq, dropout=0.0)
+    minirlhf.manual_seed(0)
+    model = GPT(cfg)
+    opt = AdamW(model.parameters(), lr=1e-4)
+    tmodel, tname = torch_model(cfg, {k: v.copy() for k, v in model.state_dict().items()})
+    topt = torch.optim.AdamW(tmodel.parameters(), lr=1e-4)
+
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq))
+    tids = torch.from_numpy(ids)
+
+    def ours():
+        logits = model(ids)
+        loss = F.cross_entropy(logits[:, :-1], ids[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.item()
+
+    def theirs():
+        loss = tmodel(tids, labels=tids).loss
+        loss.backward()
+        topt.step()
+        topt.zero_grad()
+        return loss.item()
+
+    l0, t0 = ours(), theirs()  # warm-up; the losses agree since the weights do
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(5):
+            ours()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    times = {"minirlhf": [], "torch": []}
+    for _ in range(args.runs):
+        for name, f in (("minirlhf", ours), ("torch", theirs)):
+            start = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - start)
+    ours_t, torch_t = statistics.median(times["minirlhf"]), statistics.median(times["torch"])
+
+    print(f"GPT n_layer=4 n_head=4 n_embd=128 vocab=512, batch {args.batch} x T={args.seq}, float32; "
+          f"median of {args.runs} interleaved steps")
+    print(f"threads: numpy BLAS {threads} ({source}), torch.set_num_threads({threads}); "
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} "
+          f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '(unset)')}")
+    print(f"first-step loss: minirlhf {l0:.5f}, torch {t0:.5f}")
+    print(f"{'implementation':<40} {'step (ms)':>10}")
+    print(f"{'minirlhf (numpy ' + np.__version__ + ')':<40} {ours_t * 1e3:>10.1f}")
+    print(f"{tname + ' (torch ' + torch.__version__ + ')':<40} {torch_t * 1e3:>10.1f}")
+    print(f"ratio minirlhf / torch: {ours_t / torch_t:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""Checkpoints on disk: the safetensors format written with NumPy alone, atomic writes, no pickle.
+
+A safetensors file is
+
+    8 bytes     N, the header length (unsigned 64-bit little-endian)
+    N bytes     JSON: {name: {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, ...,
+                       "__metadata__": {str: str}}   (optional metadata; padded with spaces)
+    the rest    raw little-endian arrays, each at [begin, end) counted from the end of the header
+
+so loading reads bytes and never executes code. A checkpoint directory holds
+
+    config.json            the model's settings (architecture, n_layer, ...)
+    model.safetensors      the parameters, by their dotted names
+    optimizer.safetensors  the optimizer's buffers (AdamW's m and v), if an optimizer was saved
+    trainer_state.json     step, optimizer step and lr, the global RNG state, and the caller's ``extra``
+
+Every file goes to a temporary name in its own folder, is fsync'ed, then renamed into
+place; a directory is written whole under a temporary name and then swapped in, so a
+crash mid-save leaves the previous checkpoint loadable.
+"""
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+
+import numpy as np
+
+from . import backend
+
+DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+          "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "U8": np.dtype("u1"), "BOOL": np.dtype("?")}
+BF16 = "BF16"  # read only: bfloat16 is the top half of a float32, so it upcasts exactly
+CODES = {dt: code for code, dt in DTYPES.items()}
+
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json")
+# settings that may differ between a checkpoint and the model it loads into
+RUNTIME_SETTINGS = ("dropout",)
+
+
+# ------------------------------------------------------------ safetensors
+def save_safetensors(path, tensors, metadata=None):
+    """Write ``tensors`` (name → array, numpy or cupy) to ``path`` in the safetensors format, atomically."""
+    header, arrays, offset = {}, [], 0
+    for name, arr in tensors.items():
+        if not isinstance(name, str) or name == "__metadata__":
+            raise ValueError(f"save_safetensors: tensor names must be strings other than '__metadata__', got {name!r}")
+        arr = backend.to_numpy(getattr(arr, "data", arr))
+        code = CODES.get(arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype)
+        if code is None:
+            raise TypeError(f"save_safetensors: {name} has dtype {arr.dtype}; supported: "
+                            f"{sorted(str(d) for d in CODES)}")
+        arr = np.asarray(arr, dtype=DTYPES[code], order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
+        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        arrays.append(arr)
+        offset += arr.nbytes
+    if metadata is not None:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise TypeError("save_safetensors: metadata must map str to str")
+        header["__metadata__"] = dict(metadata)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the arrays start 8-byte aligned, as the safetensors library writes them
+    _write_file(path, [struct.pack("<Q", len(raw)), raw] + [a.reshape(-1).view(np.uint8) for a in arrays])
+
+
+def load_safetensors(path):
+    """Read a safetensors file into name → numpy array (BF16 comes back as float32)."""
+    with open(path, "rb") as f:
+        buf = f.read()
+    if len(buf) < 8:
+        raise ValueError(f"load_safetensors: {path} is {len(buf)} bytes, too short for the 8-byte header length")
+    (n,) = struct.unpack("<Q", buf[:8])
+    if 8 + n > len(buf):
+        raise ValueError(f"load_safetensors: {path}: header length {n} runs past the end of the file "
+                         f"({len(buf)} bytes); the file is truncated or not safetensors")
+    try:
+        header = json.loads(buf[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"load_safetensors: {path}: the header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"load_safetensors: {path}: the header must be a JSON object, got {type(header).__name__}")
+    data = memoryview(buf)[8 + n:]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        out[name] = _read_tensor(path, name, info, data)
+    return out
+
+
+def _read_tensor(path, name, info, data):
+    where = f"load_safetensors: {path}: tensor {name!r}"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise ValueError(f"{where}: expected an entry with dtype, shape and data_offsets, got {info!r}")
+    code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if code != BF16 and code not in DTYPES:
+        raise ValueError(f"{where}: unknown dtype {code!r}; supported: {sorted(DTYPES) + [BF16]}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise ValueError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise ValueError(f"{where}: data_offsets must be [begin, end], got {offsets!r}")
+    begin, end = offsets
+    itemsize = 2 if code == BF16 else DTYPES[code].itemsize
+    if not 0 <= begin <= end <= len(data):
+        raise ValueError(f"{where}: data_offsets {offsets} lie outside the {len(data)} data bytes "
+                         "(truncated or corrupted file)")
+    if end - begin != math.prod(shape) * itemsize:
+        raise ValueError(f"{where}: data_offsets span {end - begin} bytes, but shape {shape} of {code} "
+                         f"needs {math.prod(shape) * itemsize}")
+    raw = data[begin:end]
+    if code == BF16:
+        bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+        return bits.view(np.float32).reshape(tuple(shape))
+    dt = DTYPES[code]
+    return np.frombuffer(raw, dtype=dt).astype(dt.newbyteorder("="), copy=True).reshape(tuple(shape))
+
+
+# ------------------------------------------------------------ atomic writes
+def _write_file(path, chunks):
+    """Write ``chunks`` (bytes-like) to a temporary file beside ``path``, fsync, and rename it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _write_json(path, obj):
+    _write_file(path, [json.dumps(obj, indent=2).encode()])
+
+
+def _fsync_dir(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(directory, write_into):
+    """Call ``write_into(tmp)`` on a fresh folder beside ``directory``, then swap it in for ``directory``."""
+    directory = os.path.abspath(directory)
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.exists(directory):
+        if not os.path.isdir(directory):
+            raise ValueError(f"save_checkpoint: {directory} exists and is not a directory")
+        foreign = sorted(set(os.listdir(directory)) - set(CHECKPOINT_FILES))
+        if foreign:
+            raise ValueError(f"save_checkpoint: {directory} holds files that are not part of a checkpoint "
+                             f"({foreign}); a checkpoint replaces its whole directory, so pick an empty one")
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.", suffix=".tmp")
+    try:
+        write_into(tmp)
+        _fsync_dir(tmp)
+        if os.path.exists(directory):
+            # rename(2) cannot swap two directories at once: move the old one aside, the new in, then delete the old
+            old = tmp + ".old"
+            os.rename(directory, old)
+            os.rename(tmp, directory)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(parent)
+
+
+# ------------------------------------------------------------ checkpoints
+def rng_state():
+    """The global CPU generator's state (dropout, default init) as JSON-ready data."""
+    return backend.generator("cpu").bit_generator.state
+
+
+def set_rng_state(state):
+    backend.generator("cpu").bit_generator.state = state
+
+
+def save_checkpoint(directory, model, optimizer=None, step=0, extra=None):
+    """Save model weights, optimizer buffers, step, RNG state and ``extra`` (JSON-ready) to ``directory``.
+
+    The global CUDA generator's state is not saved: dropout on the GPU does not resume bit-exactly.
+    """
+    config = model.config_dict() if hasattr(model, "config_dict") else {}
+    state = {"step": int(step), "extra": extra if extra is not None else {}, "rng": rng_state(), "optimizer": None}
+    if optimizer is not None:
+        opt = optimizer.state_dict()
+        state["optimizer"] = {"step": int(opt["step"]), "lr": [float(lr) for lr in opt["lr"]]}
+    try:
+        json.dumps(state)
+    except TypeError as e:
+        raise TypeError(f"save_checkpoint: extra must be JSON-serialisable ({e})") from None
+
+    def write_into(tmp):
+        _write_json(os.path.join(tmp, "config.json"), config)
+        save_safetensors(os.path.join(tmp, "model.safetensors"), model.state_dict(), {"format": "np"})
+        if optimizer is not None:
+            save_safetensors(os.path.join(tmp, "optimizer.safetensors"), opt["buffers"])
+        _write_json(os.path.join(tmp, "trainer_state.json"), state)
+    _replace_dir(directory, write_into)
+
+
+def read_config(directory):
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory} is not a checkpoint: it has no config.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_weights(directory, model):
+    """Load model.safetensors into ``model`` after checking that config.json describes the same architecture."""
+    stored = read_config(directory)
+    own = model.config_dict() if hasattr(model, "config_dict") else {}
+    for key in sorted(set(stored) | set(own)):
+        if key not in RUNTIME_SETTINGS and stored.get(key) != own.get(key):
+            raise ValueError(f"checkpoint {directory} does not fit the model: {key} is {stored.get(key)!r} in "
+                             f"the checkpoint but {own.get(key)!r} in the model")
+    model.load_state_dict(load_safetensors(os.path.join(directory, "model.safetensors")))
+    return model
+
+
+def load_checkpoint(directory, model, optimizer=None):
+    """Restore what :func:`save_checkpoint` wrote into ``model`` (and ``optimizer``); returns (step, extra).
+
+    Also restores the global CPU RNG, so a resumed run draws the same dropout masks.
+    """
+    load_weights(directory, model)
+    path = os.path.join(directory, "trainer_state.json")
+    state = {"step": 0, "extra": {}, "rng": None, "optimizer": None}
+    if os.path.exists(path):
+        with open(path) as f:
+            state.update(json.load(f))
+    if optimizer is not None:
+        if state["optimizer"] is None:
+            raise ValueError(f"load_checkpoint: {directory} was saved without an optimizer; "
+                             "call load_checkpoint(directory, model) without one")
+        buffers = load_safetensors(os.path.join(directory, "optimizer.safetensors"))
+        optimizer.load_state_dict({"step": state["optimizer"]["step"], "buffers": buffers,
+                                   "lr": state["optimizer"]["lr"]})
+    if state["rng"] is not None:
+        set_rng_state(state["rng"])
+    return state["step"], state["extra"]
+
+
+# ------------------------------------------------------------ Hugging Face GPT-2
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def load_hf_gpt2(path):
+    """(GPTConfig, state dict) from a ``transformers`` GPT2LMHeadModel directory.
+
+    Dropout is set to 0: RLHF compares log-probs across forward passes, which dropout would
+    make noisy. Settings this GPT does not implement are refused by name.
+    """
+    from .model import GPTConfig
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    expected = {"model_type": "gpt2", "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                "tie_word_embeddings": True}
+    for key, want in expected.items():
+        if hf.get(key, want) != want:
+            raise ValueError(f"from_pretrained: {path} has {key}={hf[key]!r}; this GPT supports only {want!r}")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"from_pretrained: {path} has activation_function={hf['activation_function']!r}; "
+                         "this GPT uses the tanh GELU ('gelu_new')")
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        raise ValueError(f"from_pretrained: {path} has n_inner={hf['n_inner']}; this GPT uses 4 * n_embd "
+                         f"= {4 * hf['n_embd']}")
+    cfg = GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                    vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", hf.get("n_ctx")),
+                    dropout=0.0, layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+    weights = os.path.join(path, "model.safetensors")
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"from_pretrained: {path} has no model.safetensors (pickled pytorch_model.bin "
+                                "files are never loaded; re-save with save_pretrained(safe_serialization=True))")
+    state = {}
+    for name, arr in load_safetensors(weights).items():
+        name = name.removeprefix("transformer.")
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            continue  # causal-mask buffers, and the LM head that is tied to wte
+        arr = arr.astype(np.float32)
+        state[name] = np.ascontiguousarray(arr.T) if name.endswith(_CONV1D) else arr
+    return cfg, state
