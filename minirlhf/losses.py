@@ -542,15 +542,21 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04, clip_eps=0.
     ratio = _safe_log_ratio(logp, old_logp).exp()
     per_token, clipped = _clipped_surrogate(ratio, A, clip_eps, eps_high)
     stats = {"clip_fraction": _fraction(clipped, m)}
+    k3 = _reference_k3(logp, ref_logp, m, beta, stats)
+    if k3 is not None and beta != 0:
+        per_token = per_token + beta * k3
+    return _aggregate(per_token, m, loss_type), stats
+
+
+def _reference_k3(logp, ref_logp, m, beta, stats):
+    """Per-token k3 to the reference, its masked mean recorded as stats["kl"]; None without a reference."""
     if ref_logp is None:
         if beta != 0:
             raise ValueError(f"ref_logp: needed when beta != 0 (got beta={beta})")
-    else:
-        k3 = kl_estimate(logp, _keep(_const(ref_logp, logp, "ref_logp", logp.shape), m), "k3")
-        stats["kl"] = _fraction(k3.data, m)
-        if beta != 0:
-            per_token = per_token + beta * k3
-    return _aggregate(per_token, m, loss_type), stats
+        return None
+    k3 = kl_estimate(logp, _keep(_const(ref_logp, logp, "ref_logp", logp.shape), m), "k3")
+    stats["kl"] = _fraction(k3.data, m)
+    return k3
 
 
 def gspo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, clip_eps=3e-4, clip_eps_high=4e-4):
@@ -578,14 +584,9 @@ def gspo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, clip_eps=3e-
     per_seq, clipped = _clipped_surrogate(s, A, clip_eps, eps_high)
     loss = per_seq.mean()
     stats = {"clip_fraction": clipped.astype(logp.dtype).mean()}
-    if ref_logp is None:
-        if beta != 0:
-            raise ValueError(f"ref_logp: needed when beta != 0 (got beta={beta})")
-    else:
-        k3 = kl_estimate(logp, _keep(_const(ref_logp, logp, "ref_logp", logp.shape), m), "k3")
-        stats["kl"] = _fraction(k3.data, m)
-        if beta != 0:
-            loss = loss + beta * _aggregate(k3, m, "grpo")
+    k3 = _reference_k3(logp, ref_logp, m, beta, stats)
+    if k3 is not None and beta != 0:
+        loss = loss + beta * _aggregate(k3, m, "grpo")
     return loss, stats
 
 
