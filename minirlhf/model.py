@@ -200,7 +200,8 @@ class GPT(nn.Module):
         if past + T > cfg.block_size:
             raise ValueError(f"GPT: sequence length {past + T} (cached {past} + new {T}) exceeds "
                              f"block_size={cfg.block_size}")
-        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+        # on CuPy this check would cost a device→host sync every forward, so it runs on NumPy only
+        if xp is np and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
             raise ValueError(f"GPT: ids must lie in [0, vocab_size={cfg.vocab_size}), got min {int(ids.min())} "
                              f"max {int(ids.max())}")
         if attention_mask is None:
