@@ -1,0 +1,106 @@
+"""Reward model: a GPT with a scalar head, trained on preference pairs with the Bradley-Terry loss
+(Ouyang et al. 2022, eq. 1):
+
+    L = −mean log σ(r(x, y_w) − r(x, y_l))
+
+For each step: draw a batch of pairs, score chosen and rejected responses in one forward pass
+(the score is read at each sequence's last token, <|im_end|>), take the loss, step.
+Evaluation: pair accuracy, the share of pairs ordered as the hidden gold score orders them.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import losses
+from ..model import pad_batch
+from ..tensor import no_grad
+from ..optim import cosine_lr
+from .common import (MetricsLog, Progress, TrainConfig, check_not_empty, is_number, is_positive_int, make_optimizer,
+                     maybe_checkpoint, optimizer_step, require, resume_from)
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    lr: float = 3e-4
+    steps: int = 200
+    batch_size: int = 32           # pairs per step
+    min_lr: float = 0.0            # the learning rate decays from lr to min_lr along a cosine
+
+    def check(self):
+        super().check()
+        require(self, "batch_size", is_positive_int, "a positive integer")
+        require(self, "min_lr", lambda v: is_number(v) and 0 <= v <= self.lr, f"in [0, lr={self.lr}]")
+
+
+def pair_batch(pairs, pad_id):
+    """Chosen rows then rejected rows: ids (2B, T) and mask (2B, T), right-padded.
+
+    ``pairs``: (prompt_ids, chosen_ids, rejected_ids) triples of token lists.
+    """
+    sequences = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
+    return pad_batch(sequences, pad_id, side="right")
+
+
+def pair_scores(reward_model, pairs, pad_id):
+    """(r(x, y_w), r(x, y_l)), each (B,)."""
+    ids, mask = pair_batch(pairs, pad_id)
+    scores = reward_model(ids, mask)
+    B = len(pairs)
+    return scores[:B], scores[B:]
+
+
+def train_reward_model(reward_model, pairs, config, pad_id, out_dir=None, resume=False, log=None, progress=True):
+    """Fit ``reward_model`` (a :class:`minirlhf.model.RewardModel`) to ``pairs`` of (prompt, chosen,
+    rejected) token lists; returns the per-step metrics."""
+    check_not_empty(pairs, "pairs", "train_reward_model")
+    optimizer = make_optimizer(reward_model, config.lr)
+    start, _ = resume_from(out_dir, reward_model, optimizer, resume, "train_reward_model")
+    write = MetricsLog(log, start)
+    bar = Progress("rm", config.steps, progress)
+    history = []
+    for step in range(start, config.steps):
+        for group in optimizer.param_groups:  # labels are noisy: a decaying step size settles the fit
+            group["lr"] = cosine_lr(step, config.lr, 0, config.steps, config.min_lr)
+        picked = np.random.default_rng([config.seed, step]).choice(len(pairs), min(config.batch_size, len(pairs)),
+                                                                   replace=False)
+        r_chosen, r_rejected = pair_scores(reward_model, [pairs[i] for i in picked], pad_id)
+        loss, accuracy = losses.bradley_terry_loss(r_chosen, r_rejected)
+        grad_norm = optimizer_step(reward_model, optimizer, loss, config.clip)
+        metrics = {"step": step + 1, "loss": float(loss.item()), "accuracy": float(accuracy),
+                   "margin": float((r_chosen.data - r_rejected.data).mean()), "grad_norm": grad_norm}
+        history.append(metrics)
+        write(metrics)
+        bar.update(step + 1, loss=metrics["loss"], acc=metrics["accuracy"])
+        maybe_checkpoint(out_dir, reward_model, optimizer, step + 1, config)
+    return history
+
+
+def score_sequences(reward_model, ids, mask, rows=512):
+    """r(x, y) for full sequences (B, T) under no_grad, in chunks; (B,) array."""
+    with no_grad():
+        return np.concatenate([reward_model(ids[s:s + rows], mask[s:s + rows]).data
+                               for s in range(0, len(ids), rows)])
+
+
+def pair_accuracy(reward_model, pairs, pad_id):
+    """Share of (prompt, better, worse) triples with r(better) > r(worse)."""
+    check_not_empty(pairs, "pairs", "pair_accuracy")
+    ids, mask = pair_batch(pairs, pad_id)
+    scores = score_sequences(reward_model, ids, mask)
+    B = len(pairs)
+    return float((scores[:B] > scores[B:]).mean())
+
+
+def normalize_reward_model(reward_model, ids, mask):
+    """Rescale the reward head so that scores on (ids, mask) have mean 0 and standard deviation 1.
+
+    Bradley-Terry fixes rewards only up to a shift (and the scale is whatever training reached);
+    fixing both keeps the KL coefficient of PPO meaningful from one run to the next.
+    """
+    scores = score_sequences(reward_model, ids, mask)
+    mean, std = float(scores.mean()), float(scores.std()) + 1e-6
+    head = reward_model.reward_head
+    head.weight.data = (head.weight.data / std).astype(head.weight.dtype)
+    head.bias.data = ((head.bias.data - mean) / std).astype(head.bias.dtype)
+    return mean, std
+

@@ -1,0 +1,259 @@
+"""The RLHF trainers on a toy problem: they learn, they resume exactly, and bad settings are named."""
+import json
+
+import numpy as np
+import pytest
+
+import minirlhf
+from minirlhf.model import GPT, GPTConfig, RewardModel
+from minirlhf.sampling import generate
+from minirlhf.tensor import Tensor, no_grad
+from minirlhf.train.common import (MetricsLog, load_config, response_logprobs, rollout, sequence_logprobs)
+from minirlhf.train.dpo import DPOConfig, reference_logprobs, train_dpo
+from minirlhf.train.grpo import GRPOConfig, train_grpo
+from minirlhf.train.ppo import PPOConfig, train_ppo, with_value_head
+from minirlhf.train.reward import RewardConfig, pair_accuracy, train_reward_model
+from minirlhf.train.rloo import RLOOConfig, train_rloo
+
+EOS, PAD, GOOD, BAD = 11, 0, 5, 6
+PROMPTS = [[1, 2, 3], [2, 3], [3, 1, 4, 1], [4, 2], [1, 4], [2, 2, 3], [3, 3], [4, 1, 2]]
+
+
+def tiny_gpt(seed=0, n_embd=16):
+    minirlhf.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=1, n_head=2, n_embd=n_embd, vocab_size=12, block_size=16))
+
+
+def first_token_is_good(index, responses):
+    """The toy rule reward: 1 if the response starts with token GOOD."""
+    return [1.0 if r and r[0] == GOOD else 0.0 for r in responses]
+
+
+def good_rate(model, n=64):
+    batch = rollout(model, PROMPTS, np.arange(len(PROMPTS)), n // len(PROMPTS), 1.0, 3, EOS, PAD, seed=123)
+    return np.mean(first_token_is_good(batch.index, batch.responses()))
+
+
+class FirstTokenRewardModel:
+    """A stand-in reward model: +1 if the first response token (right after the prompt's 3rd token...) is GOOD.
+
+    It scores full sequences (prompt then response); the response starts where the prompt mask ends.
+    """
+
+    def __init__(self, prompt_len):
+        self.prompt_len = prompt_len
+
+    def __call__(self, ids, mask):
+        return Tensor((np.asarray(ids)[:, self.prompt_len] == GOOD).astype(np.float32))
+
+
+# ---------------------------------------------------------------- log-probs
+def test_response_logprobs_match_the_samplers_logprobs():
+    model = tiny_gpt()
+    out = generate(model, PROMPTS, 4, temperature=1.0, eos_id=EOS, pad_id=PAD, seed=1)
+    with no_grad():
+        logp = response_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask).data
+    np.testing.assert_allclose(logp, out.logprobs * out.mask, atol=1e-5)
+    with no_grad():
+        seq = sequence_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask).data
+    np.testing.assert_allclose(seq, (out.logprobs * out.mask).sum(axis=1), atol=1e-4)
+
+
+# ----------------------------------------------------------------- learning
+def test_grpo_raises_the_rule_reward():
+    policy, reference = tiny_gpt(), tiny_gpt()
+    before = good_rate(policy)
+    cfg = GRPOConfig(steps=15, lr=1e-2, prompts_per_step=4, group_size=8, max_new_tokens=3, beta=0.01)
+    history = train_grpo(policy, reference, PROMPTS, first_token_is_good, cfg, EOS, PAD, progress=False)
+    assert len(history) == 15 and history[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert good_rate(policy) > before + 0.3
+
+
+def test_rloo_raises_the_rule_reward():
+    policy, reference = tiny_gpt(), tiny_gpt()
+    before = good_rate(policy)
+    cfg = RLOOConfig(steps=15, lr=1e-2, prompts_per_step=4, group_size=8, max_new_tokens=3, beta=0.01)
+    train_rloo(policy, reference, PROMPTS, first_token_is_good, cfg, EOS, PAD, progress=False)
+    assert good_rate(policy) > before + 0.3
+
+
+def test_ppo_raises_the_reward_models_score():
+    prompts = [p for p in PROMPTS if len(p) == 3] * 8  # one prompt length: the response starts at column 3
+    reference = tiny_gpt()
+    policy = with_value_head(reference)
+    before = good_rate(policy)
+    cfg = PPOConfig(steps=12, lr=1e-2, prompts_per_step=len(prompts), epochs=2, minibatches=1, max_new_tokens=3)
+    history = train_ppo(policy, reference, FirstTokenRewardModel(3), prompts, cfg, EOS, PAD, progress=False)
+    assert history[-1]["reward"] > history[0]["reward"]
+    assert good_rate(policy) > before + 0.3
+
+
+@pytest.mark.parametrize("target, grows", [(1e-3, True), (1e3, False)])
+def test_ppo_adaptive_kl_raises_beta_above_the_target_and_lowers_it_below(target, grows):
+    reference = tiny_gpt(seed=1)
+    reference.wte.weight.data *= 100  # a sharp reference, far from the near-uniform policy: KL >> 1e-3
+    policy = with_value_head(tiny_gpt())
+    cfg = PPOConfig(steps=3, lr=1e-3, prompts_per_step=4, epochs=1, minibatches=1, max_new_tokens=3, beta=0.1,
+                    adaptive_kl=True, kl_target=target, kl_horizon=10)
+    history = train_ppo(policy, reference, FirstTokenRewardModel(3), [PROMPTS[0]] * 4, cfg, EOS, PAD,
+                        progress=False)
+    betas = [m["beta"] for m in history]
+    assert betas[0] == 0.1
+    assert (betas[-1] > betas[0]) == grows and betas[-1] != betas[0]
+
+
+def test_ppo_needs_a_value_head():
+    with pytest.raises(ValueError, match="value head"):
+        train_ppo(tiny_gpt(), tiny_gpt(), FirstTokenRewardModel(3), PROMPTS, PPOConfig(steps=1), EOS, PAD)
+
+
+def toy_pairs(n=32):
+    rng = np.random.default_rng(0)
+    return [(PROMPTS[int(rng.integers(len(PROMPTS)))], [GOOD, 7, EOS], [BAD, 7, EOS]) for _ in range(n)]
+
+
+def test_reward_model_learns_the_preference():
+    rm = RewardModel.from_gpt(tiny_gpt())
+    pairs = toy_pairs()
+    history = train_reward_model(rm, pairs, RewardConfig(steps=30, lr=1e-2, batch_size=16), PAD, progress=False)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert pair_accuracy(rm, pairs, PAD) == 1.0
+
+
+def test_dpo_starts_at_log_two_and_raises_the_chosen_over_the_rejected():
+    policy, reference = tiny_gpt(), tiny_gpt()
+    pairs = toy_pairs()
+    history = train_dpo(policy, reference, pairs, DPOConfig(steps=20, lr=1e-2, batch_size=16, beta=0.5), PAD,
+                        progress=False)
+    assert history[0]["loss"] == pytest.approx(np.log(2), abs=1e-5)  # π = π_ref at the first step
+    assert history[0]["reward_margin"] == pytest.approx(0.0, abs=1e-5)
+    assert history[-1]["reward_margin"] > 0.5 and history[-1]["reward_accuracy"] == 1.0
+    assert good_rate(policy) > good_rate(reference) + 0.3
+
+
+def test_dpo_reference_logprobs_do_not_depend_on_the_chunking():
+    ref = tiny_gpt()
+    pairs = toy_pairs(10)
+    a = reference_logprobs(ref, pairs, PAD, rows=3)
+    b = reference_logprobs(ref, pairs, PAD, rows=100)
+    np.testing.assert_allclose(a[0], b[0], atol=1e-5)
+    np.testing.assert_allclose(a[1], b[1], atol=1e-5)
+
+
+# ------------------------------------------------------------------ resume
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_after(step, path):
+    log = MetricsLog(path, 0)
+
+    def write(record):
+        log(record)
+        if record["step"] == step:
+            raise Interrupt
+    return write
+
+
+@pytest.mark.parametrize("trainer", ["grpo", "dpo", "ppo"])
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, trainer):
+    def run(policy, out_dir, resume=False, log=None):
+        reference = tiny_gpt()
+        if trainer == "grpo":
+            cfg = GRPOConfig(steps=4, lr=1e-2, prompts_per_step=2, group_size=4, max_new_tokens=3, checkpoint_every=1)
+            return train_grpo(policy, reference, PROMPTS, first_token_is_good, cfg, EOS, PAD, out_dir=out_dir,
+                              resume=resume, log=log, progress=False)
+        if trainer == "dpo":
+            cfg = DPOConfig(steps=4, lr=1e-2, batch_size=8, checkpoint_every=1)
+            return train_dpo(policy, reference, toy_pairs(), cfg, PAD, out_dir=out_dir, resume=resume, log=log,
+                             progress=False)
+        cfg = PPOConfig(steps=4, lr=1e-2, prompts_per_step=4, epochs=1, minibatches=1, max_new_tokens=3,
+                        adaptive_kl=True, kl_target=0.01, kl_horizon=10, checkpoint_every=1)
+        return train_ppo(policy, reference, FirstTokenRewardModel(3), [PROMPTS[0]] * 4, cfg, EOS, PAD,
+                         out_dir=out_dir, resume=resume, log=log, progress=False)
+
+    make = (lambda: with_value_head(tiny_gpt())) if trainer == "ppo" else tiny_gpt
+    straight = make()
+    expected = run(straight, str(tmp_path / "straight"))
+
+    out, log = str(tmp_path / "interrupted"), str(tmp_path / "interrupted.jsonl")
+    with pytest.raises(Interrupt):
+        run(make(), out, log=interrupt_after(3, log))  # step 3 is logged, not checkpointed
+    resumed = make()
+    history = run(resumed, out, resume=True, log=log)
+
+    assert [m["step"] for m in history] == [3, 4]  # finished steps are not redone
+    for name, value in straight.state_dict().items():
+        np.testing.assert_array_equal(resumed.state_dict()[name], value, err_msg=name)
+    with open(log) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[2:] == expected[2:]
+
+
+def test_metrics_log_drops_steps_a_resumed_run_will_redo(tmp_path):
+    path = str(tmp_path / "m.jsonl")
+    log = MetricsLog(path, 0)
+    for step in (1, 2, 3):
+        log({"step": step})
+    MetricsLog(path, 2)
+    with open(path) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train_grpo(tiny_gpt(), tiny_gpt(), PROMPTS, first_token_is_good, GRPOConfig(steps=1), EOS, PAD,
+                   out_dir=str(tmp_path), resume=True)
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_naming_the_setting(tmp_path):
+    cfg = GRPOConfig(steps=1, prompts_per_step=2, group_size=2, max_new_tokens=2)
+    train_grpo(tiny_gpt(), tiny_gpt(), PROMPTS, first_token_is_good, cfg, EOS, PAD, out_dir=str(tmp_path),
+               progress=False)
+    other = tiny_gpt(n_embd=32)
+    with pytest.raises(ValueError, match="n_embd"):
+        train_grpo(other, tiny_gpt(), PROMPTS, first_token_is_good, GRPOConfig(steps=2), EOS, PAD,
+                   out_dir=str(tmp_path), resume=True, progress=False)
+
+
+# --------------------------------------------------------------- bad input
+@pytest.mark.parametrize("cls, setting, value", [
+    (GRPOConfig, "group_size", 1), (GRPOConfig, "beta", 0.0), (GRPOConfig, "beta", -0.1),
+    (GRPOConfig, "clip_eps", 0.0), (GRPOConfig, "clip_eps", 1.0), (GRPOConfig, "loss_type", "nope"),
+    (PPOConfig, "clip_eps", 1.5), (PPOConfig, "beta", 0.0), (PPOConfig, "lam", 1.2), (PPOConfig, "epochs", 0),
+    (DPOConfig, "beta", 0.0), (DPOConfig, "beta", -1.0), (DPOConfig, "loss_type", "x"),
+    (RLOOConfig, "group_size", 1), (RLOOConfig, "beta", 0.0), (RewardConfig, "batch_size", 0),
+    (RewardConfig, "lr", 0.0), (GRPOConfig, "steps", 2.5),
+])
+def test_bad_settings_raise_an_error_naming_the_setting(cls, setting, value):
+    with pytest.raises(ValueError, match=f"{cls.__name__}: {setting} must be"):
+        cls(**{setting: value})
+
+
+def test_config_loads_from_json_with_flags_on_top_and_refuses_unknown_keys(tmp_path):
+    path = tmp_path / "grpo.json"
+    path.write_text(json.dumps({"group_size": 4, "lr": 0.001}))
+    cfg = load_config(GRPOConfig, str(path), lr=0.01, beta=None)
+    assert cfg.group_size == 4 and cfg.lr == 0.01 and cfg.beta == GRPOConfig().beta
+    path.write_text(json.dumps({"group_sise": 4}))
+    with pytest.raises(ValueError, match="unknown setting.*group_sise"):
+        load_config(GRPOConfig, str(path))
+    path.write_text(json.dumps({"group_size": 1}))
+    with pytest.raises(ValueError, match="group_size"):
+        load_config(GRPOConfig, str(path))
+
+
+@pytest.mark.parametrize("name", ["grpo", "rloo", "dpo", "rm", "ppo"])
+def test_an_empty_dataset_is_refused(name):
+    with pytest.raises(ValueError, match="is empty"):
+        if name == "grpo":
+            train_grpo(tiny_gpt(), tiny_gpt(), [], first_token_is_good, GRPOConfig(), EOS, PAD)
+        elif name == "rloo":
+            train_rloo(tiny_gpt(), tiny_gpt(), [], first_token_is_good, RLOOConfig(), EOS, PAD)
+        elif name == "dpo":
+            train_dpo(tiny_gpt(), tiny_gpt(), [], DPOConfig(), PAD)
+        elif name == "rm":
+            train_reward_model(RewardModel.from_gpt(tiny_gpt()), [], RewardConfig(), PAD)
+        else:
+            train_ppo(with_value_head(tiny_gpt()), tiny_gpt(), FirstTokenRewardModel(3), [], PPOConfig(), EOS, PAD)
