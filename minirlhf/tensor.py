@@ -57,10 +57,6 @@ class Tensor:
     def __init__(self, data, requires_grad=False, dtype=None, device=None):
         if isinstance(data, Tensor):
             data = data.data
-        if device is not None:
-            xp = backend.xp_for(device)
-        else:
-            xp = backend.get_array_module(data)
         if not (isinstance(data, np.ndarray) or backend.is_cupy_array(data)):
             data = np.asarray(data)
         if device is not None:

@@ -281,6 +281,14 @@ def resume_from(out_dir, model, optimizer, resume, name):
     return load_checkpoint(path, model, optimizer)
 
 
+def begin_run(name, label, model, config, out_dir, resume, log, progress):
+    """What every trainer starts with: AdamW, the first step (a checkpoint's when resuming) and the
+    ``extra`` the checkpoint carried, the metrics log and the progress line."""
+    optimizer = make_optimizer(model, config.lr)
+    start, extra = resume_from(out_dir, model, optimizer, resume, name)
+    return optimizer, start, extra, MetricsLog(log, start), Progress(label, config.steps, progress)
+
+
 def maybe_checkpoint(out_dir, model, optimizer, step, config, extra=None):
     """Save after ``step`` (1-based) if it is a checkpoint step or the last step."""
     if out_dir is None:

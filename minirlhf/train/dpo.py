@@ -14,9 +14,8 @@ import numpy as np
 from .. import losses
 from ..model import pad_batch
 from ..tensor import no_grad
-from .common import (MetricsLog, Progress, TrainConfig, check_not_empty, is_positive, is_positive_int,
-                     make_optimizer, maybe_checkpoint, optimizer_step, pad_responses, require, resume_from,
-                     sequence_logprobs)
+from .common import (TrainConfig, begin_run, check_not_empty, is_positive, is_positive_int, maybe_checkpoint,
+                     optimizer_step, pad_responses, require, sequence_logprobs)
 
 
 @dataclass
@@ -59,10 +58,8 @@ def train_dpo(policy, reference, pairs, config, pad_id, out_dir=None, resume=Fal
     """Train ``policy`` in place on ``pairs`` of (prompt, chosen, rejected) token lists; returns the metrics."""
     check_not_empty(pairs, "pairs", "train_dpo")
     ref_chosen, ref_rejected = reference_logprobs(reference, pairs, pad_id)
-    optimizer = make_optimizer(policy, config.lr)
-    start, _ = resume_from(out_dir, policy, optimizer, resume, "train_dpo")
-    write = MetricsLog(log, start)
-    bar = Progress("dpo", config.steps, progress)
+    optimizer, start, _, write, bar = begin_run("train_dpo", "dpo", policy, config, out_dir, resume, log,
+                                                progress)
     history = []
     for step in range(start, config.steps):
         picked = np.random.default_rng([config.seed, step]).choice(len(pairs), min(config.batch_size, len(pairs)),

@@ -18,9 +18,9 @@ import numpy as np
 
 from .. import losses
 from ..tensor import no_grad
-from .common import (MetricsLog, Progress, TrainConfig, check_not_empty, draw_prompts, is_clip_eps, is_positive,
-                     is_positive_int, make_optimizer, maybe_checkpoint, optimizer_step, require,
-                     response_logprobs, resume_from, rollout, step_seed)
+from .common import (TrainConfig, begin_run, check_not_empty, draw_prompts, is_clip_eps, is_positive,
+                     is_positive_int, maybe_checkpoint, optimizer_step, require, response_logprobs, rollout,
+                     step_seed)
 
 
 @dataclass
@@ -59,10 +59,8 @@ def train_grpo(policy, reference, prompts, reward_fn, config, eos_id, pad_id, ou
     Checkpoints go to ``out_dir/checkpoint``; ``resume=True`` continues from there.
     """
     check_not_empty(prompts, "prompts", "train_grpo")
-    optimizer = make_optimizer(policy, config.lr)
-    start, _ = resume_from(out_dir, policy, optimizer, resume, "train_grpo")
-    write = MetricsLog(log, start)
-    bar = Progress("grpo", config.steps, progress)
+    optimizer, start, _, write, bar = begin_run("train_grpo", "grpo", policy, config, out_dir, resume, log,
+                                                progress)
     history = []
     for step in range(start, config.steps):
         index = draw_prompts(len(prompts), config.prompts_per_step, config.seed, step)

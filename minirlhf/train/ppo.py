@@ -21,9 +21,9 @@ from .. import functional as F
 from .. import losses
 from ..model import GPT
 from ..tensor import no_grad
-from .common import (MetricsLog, Progress, TrainConfig, check_not_empty, draw_prompts, is_clip_eps, is_number,
-                     is_positive, is_positive_int, make_optimizer, maybe_checkpoint, optimizer_step, require,
-                     response_logits, response_logprobs, resume_from, rollout, step_seed)
+from .common import (TrainConfig, begin_run, check_not_empty, draw_prompts, is_clip_eps, is_number,
+                     is_positive, is_positive_int, maybe_checkpoint, optimizer_step, require, response_logits,
+                     response_logprobs, rollout, step_seed)
 from .reward import score_sequences
 
 
@@ -89,11 +89,9 @@ def train_ppo(policy, reference, reward_model, prompts, config, eos_id, pad_id, 
     check_not_empty(prompts, "prompts", "train_ppo")
     if policy.value_head is None:
         raise ValueError("train_ppo: policy needs a value head; pass with_value_head(model)")
-    optimizer = make_optimizer(policy, config.lr)
-    start, extra = resume_from(out_dir, policy, optimizer, resume, "train_ppo")
+    optimizer, start, extra, write, bar = begin_run("train_ppo", "ppo", policy, config, out_dir, resume, log,
+                                                    progress)
     kl_control = losses.AdaptiveKLController(extra.get("beta", config.beta), config.kl_target, config.kl_horizon)
-    write = MetricsLog(log, start)
-    bar = Progress("ppo", config.steps, progress)
     history = []
     for step in range(start, config.steps):
         beta = kl_control.beta if config.adaptive_kl else config.beta

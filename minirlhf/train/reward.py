@@ -15,8 +15,8 @@ from .. import losses
 from ..model import pad_batch
 from ..tensor import no_grad
 from ..optim import cosine_lr
-from .common import (MetricsLog, Progress, TrainConfig, check_not_empty, is_number, is_positive_int, make_optimizer,
-                     maybe_checkpoint, optimizer_step, require, resume_from)
+from .common import (TrainConfig, begin_run, check_not_empty, is_number, is_positive_int, maybe_checkpoint,
+                     optimizer_step, require)
 
 
 @dataclass
@@ -53,10 +53,8 @@ def train_reward_model(reward_model, pairs, config, pad_id, out_dir=None, resume
     """Fit ``reward_model`` (a :class:`minirlhf.model.RewardModel`) to ``pairs`` of (prompt, chosen,
     rejected) token lists; returns the per-step metrics."""
     check_not_empty(pairs, "pairs", "train_reward_model")
-    optimizer = make_optimizer(reward_model, config.lr)
-    start, _ = resume_from(out_dir, reward_model, optimizer, resume, "train_reward_model")
-    write = MetricsLog(log, start)
-    bar = Progress("rm", config.steps, progress)
+    optimizer, start, _, write, bar = begin_run("train_reward_model", "rm", reward_model, config, out_dir, resume, log,
+                                                progress)
     history = []
     for step in range(start, config.steps):
         for group in optimizer.param_groups:  # labels are noisy: a decaying step size settles the fit

@@ -16,9 +16,8 @@ import numpy as np
 
 from .. import losses
 from ..tensor import no_grad
-from .common import (MetricsLog, Progress, TrainConfig, check_not_empty, draw_prompts, is_positive,
-                     is_positive_int, make_optimizer, maybe_checkpoint, optimizer_step, require,
-                     response_logprobs, resume_from, rollout, step_seed)
+from .common import (TrainConfig, begin_run, check_not_empty, draw_prompts, is_positive, is_positive_int,
+                     maybe_checkpoint, optimizer_step, require, response_logprobs, rollout, step_seed)
 
 
 @dataclass
@@ -44,10 +43,8 @@ def train_rloo(policy, reference, prompts, reward_fn, config, eos_id, pad_id, ou
                log=None, progress=True):
     """Train ``policy`` in place with RLOO; arguments as :func:`minirlhf.train.grpo.train_grpo`."""
     check_not_empty(prompts, "prompts", "train_rloo")
-    optimizer = make_optimizer(policy, config.lr)
-    start, _ = resume_from(out_dir, policy, optimizer, resume, "train_rloo")
-    write = MetricsLog(log, start)
-    bar = Progress("rloo", config.steps, progress)
+    optimizer, start, _, write, bar = begin_run("train_rloo", "rloo", policy, config, out_dir, resume, log,
+                                                progress)
     history = []
     for step in range(start, config.steps):
         index = draw_prompts(len(prompts), config.prompts_per_step, config.seed, step)
