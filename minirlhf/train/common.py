@@ -138,6 +138,11 @@ class Rollout:
     mask: np.ndarray
     index: np.ndarray
 
+    @property
+    def inputs(self):
+        """(prompt_ids, prompt_mask, tokens, mask): what the response log-prob helpers take."""
+        return self.prompt_ids, self.prompt_mask, self.tokens, self.mask
+
     def responses(self):
         """Each row's response tokens (up to and including <|im_end|>) as a list."""
         return [row[m > 0].tolist() for row, m in zip(self.tokens, self.mask)]
@@ -163,6 +168,13 @@ def draw_prompts(n_prompts, batch, seed, step):
 def step_seed(seed, step):
     """The sampling seed of one step (depends only on seed and step, for exact resume)."""
     return int(np.random.default_rng([seed, step, 15485863]).integers(2 ** 31))
+
+
+def step_rollout(policy, prompts, config, step, samples_per_prompt, eos_id, pad_id):
+    """One training step's rollout: prompts and sampling seed drawn from (config.seed, step)."""
+    index = draw_prompts(len(prompts), config.prompts_per_step, config.seed, step)
+    return rollout(policy, prompts, index, samples_per_prompt, config.temperature, config.max_new_tokens,
+                   eos_id, pad_id, step_seed(config.seed, step))
 
 
 def make_optimizer(model, lr):
@@ -208,7 +220,7 @@ def kl_to_reference(policy, reference, batch, rows=512):
     total = 0.0
     for start in range(0, len(batch.index), rows):
         b = batch.rows(slice(start, start + rows))
-        args = (b.prompt_ids, b.prompt_mask, b.tokens, b.mask)
+        args = b.inputs
         per_token = losses.kl_exact(response_logits(policy, *args), response_logits(reference, *args).data, b.mask)
         total += float((per_token.data * b.mask).sum())
     return total / len(batch.index)

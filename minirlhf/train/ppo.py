@@ -21,9 +21,9 @@ from .. import functional as F
 from .. import losses
 from ..model import GPT
 from ..tensor import no_grad
-from .common import (TrainConfig, begin_run, check_not_empty, draw_prompts, is_clip_eps, is_number,
-                     is_positive, is_positive_int, maybe_checkpoint, optimizer_step, require, response_logits,
-                     response_logprobs, rollout, step_seed)
+from .common import (TrainConfig, begin_run, check_not_empty, is_clip_eps, is_number, is_positive,
+                     is_positive_int, maybe_checkpoint, optimizer_step, require, response_logits,
+                     response_logprobs, step_rollout)
 from .reward import score_sequences
 
 
@@ -95,11 +95,9 @@ def train_ppo(policy, reference, reward_model, prompts, config, eos_id, pad_id, 
     history = []
     for step in range(start, config.steps):
         beta = kl_control.beta if config.adaptive_kl else config.beta
-        index = draw_prompts(len(prompts), config.prompts_per_step, config.seed, step)
-        batch = rollout(policy, prompts, index, 1, config.temperature, config.max_new_tokens, eos_id, pad_id,
-                        step_seed(config.seed, step))
+        batch = step_rollout(policy, prompts, config, step, 1, eos_id, pad_id)
         scores = reward_model_scores(reward_model, batch)
-        args = (batch.prompt_ids, batch.prompt_mask, batch.tokens, batch.mask)
+        args = batch.inputs
         with no_grad():
             logits, old_values = response_logits(policy, *args, return_values=True)
             old_logp = F.token_logprobs(logits, batch.tokens).data * batch.mask
@@ -110,7 +108,7 @@ def train_ppo(policy, reference, reward_model, prompts, config, eos_id, pad_id, 
         advantages = whiten(advantages.data, batch.mask)
         rng = np.random.default_rng([config.seed, step, 1])
         for _ in range(config.epochs):
-            for rows in np.array_split(rng.permutation(len(index)), config.minibatches):
+            for rows in np.array_split(rng.permutation(len(batch.index)), config.minibatches):
                 mb = (a[rows] for a in args)
                 logits, values = response_logits(policy, *mb, return_values=True)
                 logp = F.token_logprobs(logits, batch.tokens[rows])
@@ -121,7 +119,7 @@ def train_ppo(policy, reference, reward_model, prompts, config, eos_id, pad_id, 
                 grad_norm = optimizer_step(policy, optimizer, policy_loss + config.vf_coef * value_loss, config.clip)
         kl = float(((old_logp - ref_logp) * batch.mask).sum(axis=1).mean())
         if config.adaptive_kl:
-            kl_control.update(kl, len(index))
+            kl_control.update(kl, len(batch.index))
         metrics = {"step": step + 1, "reward": float(scores.mean()), "kl": kl, "beta": beta,
                    "policy_loss": float(policy_loss.item()), "value_loss": float(value_loss.item()),
                    "clip_fraction": float(stats["clip_fraction"]), "grad_norm": grad_norm,

@@ -16,8 +16,8 @@ import numpy as np
 
 from .. import losses
 from ..tensor import no_grad
-from .common import (TrainConfig, begin_run, check_not_empty, draw_prompts, is_positive, is_positive_int,
-                     maybe_checkpoint, optimizer_step, require, response_logprobs, rollout, step_seed)
+from .common import (TrainConfig, begin_run, check_not_empty, is_positive, is_positive_int, maybe_checkpoint,
+                     optimizer_step, require, response_logprobs, step_rollout)
 
 
 @dataclass
@@ -47,11 +47,9 @@ def train_rloo(policy, reference, prompts, reward_fn, config, eos_id, pad_id, ou
                                                 progress)
     history = []
     for step in range(start, config.steps):
-        index = draw_prompts(len(prompts), config.prompts_per_step, config.seed, step)
-        batch = rollout(policy, prompts, index, config.group_size, config.temperature, config.max_new_tokens,
-                        eos_id, pad_id, step_seed(config.seed, step))
+        batch = step_rollout(policy, prompts, config, step, config.group_size, eos_id, pad_id)
         scores = np.asarray(reward_fn(batch.index, batch.responses()), dtype=np.float32)
-        args = (batch.prompt_ids, batch.prompt_mask, batch.tokens, batch.mask)
+        args = batch.inputs
         logp = response_logprobs(policy, *args)
         with no_grad():
             ref_logp = response_logprobs(reference, *args).data
