@@ -17,7 +17,8 @@ KV cache: decoding token by token, each layer appends the new keys and values to
 :class:`KVCache` and attends over all of them; the logits equal those of one full forward.
 
 Heads: ``value_head`` (a per-token scalar V(s_t) for PPO) and :class:`RewardModel`
-(a scalar r(x, y) read at each sequence's last real token, for Bradley-Terry training).
+(a scalar r(x, y) from per-token scores of the response and the last real token's state, for
+Bradley-Terry training).
 """
 import copy
 import math
@@ -298,31 +299,53 @@ def _init_gpt2(module, n_layer):
 
 
 class RewardModel(nn.Module):
-    """r(x, y): the GPT trunk, then a linear head on the hidden state of each row's last real token.
+    """r(x, y): the GPT trunk, a score for each response token, and a head on the last token.
 
-    ``rm(ids, attention_mask)`` → (B,). The last real token is the last position with
-    mask 1, so left and right padding both work.
+        r(x, y) = Σ_{t ∈ y} u[y_t] · h_{t−1}  +  w · h_last + b
+
+    h_t is the trunk's hidden state at position t. The first term scores each response token
+    from the state just before it, the state whose LM head predicted that token, through a
+    (V, C) table u shaped like the embedding: a per-token decomposition of the sequence reward
+    (Rafailov et al. 2024, "From r to Q*", eq. 7 writes DPO's implicit reward the same way).
+    It lets the model compare each token with what the trunk expects there. The second term is
+    the usual scalar head on the last real token (Ouyang et al. 2022), which sees the whole
+    response. A last-token head alone must check the answer again in its final layers, which a
+    2-layer trunk does poorly.
+
+    ``rm(ids, attention_mask, response_mask)`` → (B,). ``response_mask`` (B, T) marks the
+    response tokens (1) that the first term sums over; without it every real token after a
+    row's first is summed. The last real token is the last position with attention_mask 1, so
+    left and right padding both work.
     """
 
     def __init__(self, config):
         self.config = config
         self.transformer = GPT(config)
+        self.token_scores = nn.Embedding(config.vocab_size, config.n_embd)
         self.reward_head = nn.Linear(config.n_embd, 1)
-        _init_gpt2(self.reward_head, config.n_layer)
+        for head in (self.token_scores, self.reward_head):
+            _init_gpt2(head, config.n_layer)
 
-    def forward(self, ids, attention_mask=None):
+    def forward(self, ids, attention_mask=None, response_mask=None):
         h = self.transformer.hidden(ids, attention_mask)  # (B, T, C)
         B, T, _ = h.shape
         xp = h.xp
-        if attention_mask is None:
-            last = xp.full((B,), T - 1)
+        ids = _as_array(ids, xp)
+        mask = xp.ones((B, T), dtype=bool) if attention_mask is None else _as_array(attention_mask, xp) != 0
+        if not bool(mask.any(axis=1).all()):
+            raise ValueError("RewardModel: every row of attention_mask needs at least one real token (a 1)")
+        if response_mask is None:
+            scored = mask & (xp.cumsum(mask, axis=1) > 1)
         else:
-            mask = _as_array(attention_mask, xp) != 0
-            if not bool(mask.any(axis=1).all()):
-                raise ValueError("RewardModel: every row of attention_mask needs at least one real token (a 1)")
-            last = T - 1 - xp.argmax(mask[:, ::-1], axis=1)
-        h_last = h[xp.arange(B), last]  # (B, C)
-        return self.reward_head(h_last).reshape(B)
+            scored = _as_array(response_mask, xp)
+            if scored.shape != (B, T):
+                raise ValueError(f"RewardModel: response_mask must have the shape of ids {(B, T)}, got "
+                                 f"{scored.shape}")
+            scored = (scored != 0) & mask
+        last = T - 1 - xp.argmax(mask[:, ::-1], axis=1)
+        per_token = (self.token_scores(ids[:, 1:]) * h[:, :-1]).sum(axis=-1)  # u[y_t] · h_{t−1}, (B, T−1)
+        token_term = (per_token * scored[:, 1:].astype(h.dtype)).sum(axis=1)
+        return token_term + self.reward_head(h[xp.arange(B), last]).reshape(B)
 
     @classmethod
     def from_gpt(cls, gpt):

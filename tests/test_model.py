@@ -167,6 +167,36 @@ def test_reward_ignores_tokens_after_the_last_real_one(rng):
         np.testing.assert_allclose(rm(ids, mask).data, rm(other, mask).data)
 
 
+def test_reward_is_the_sum_of_response_token_scores_plus_the_last_token_head(rng):
+    minirlhf.manual_seed(3)
+    rm = RewardModel(CFG)
+    rm.to(np.float64)
+    ids, mask = pad_batch([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10]], side="right")
+    response = np.zeros_like(mask)
+    response[0, 3:6] = 1
+    response[1, 2:4] = 1
+    with no_grad():
+        r = rm(ids, mask, response).data
+        h = rm.transformer.hidden(ids, mask).data
+    u, w, b = rm.token_scores.weight.data, rm.reward_head.weight.data, rm.reward_head.bias.data
+    for i, (first, end) in enumerate([(3, 6), (2, 4)]):
+        expected = sum(u[ids[i, t]] @ h[i, t - 1] for t in range(first, end)) + w @ h[i, end - 1] + b
+        np.testing.assert_allclose(r[i], expected[0], rtol=1e-10)
+
+
+def test_reward_model_rejects_a_response_mask_of_another_shape(rng):
+    ids = rng.integers(0, 64, (2, 5))
+    with pytest.raises(ValueError, match="response_mask must have the shape of ids"):
+        RewardModel(CFG)(ids, np.ones((2, 5)), np.ones((2, 4)))
+
+
+def test_reward_model_rejects_a_row_without_real_tokens(rng):
+    mask = np.ones((2, 5))
+    mask[1] = 0
+    with pytest.raises(ValueError, match="at least one real token"):
+        RewardModel(CFG)(rng.integers(0, 64, (2, 5)), mask)
+
+
 def test_reward_model_from_gpt_copies_the_trunk(rng):
     gpt = tiny(value_head=True)
     rm = RewardModel.from_gpt(gpt)

@@ -106,6 +106,29 @@ def test_metrics_are_appended_to_a_jsonl_file(tmp_path):
     assert {"loss", "lr", "grad_norm"} <= rows[0].keys()
 
 
+def test_a_resumed_run_logs_each_step_once_and_the_log_folder_is_made(tmp_path):
+    config = SFTConfig(lr=1e-3, steps=5, batch_size=4, warmup=0, checkpoint_every=2)
+    log = tmp_path / "new" / "folder" / "m.jsonl"
+
+    class Crash(Exception):
+        pass
+
+    def write_then_crash_after_step_3(metrics):
+        with open(log, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if metrics["step"] == 3:
+            raise Crash
+    log.parent.mkdir(parents=True)
+    with pytest.raises(Crash):
+        train_sft(fresh(), reverse_task(8), config, out_dir=tmp_path, log=write_then_crash_after_step_3)
+    log.unlink()
+    log.parent.rmdir()
+    train_sft(fresh(), reverse_task(8), SFTConfig(lr=1e-3, steps=3, batch_size=4, warmup=0), log=log)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+    train_sft(fresh(), reverse_task(8), config, out_dir=tmp_path, resume=True, log=log)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
 def test_final_checkpoint_loads_as_a_model(tmp_path, rng):
     model = fresh()
     train_sft(model, reverse_task(8), SFTConfig(lr=1e-3, steps=2, batch_size=4, warmup=0), out_dir=tmp_path)

@@ -12,7 +12,8 @@ from minirlhf.train.common import (MetricsLog, load_config, response_logprobs, r
 from minirlhf.train.dpo import DPOConfig, reference_logprobs, train_dpo
 from minirlhf.train.grpo import GRPOConfig, train_grpo
 from minirlhf.train.ppo import PPOConfig, train_ppo, with_value_head
-from minirlhf.train.reward import RewardConfig, pair_accuracy, train_reward_model
+from minirlhf.train.reward import (RewardConfig, normalize_reward_model, pair_accuracy, pair_batch,
+                                   score_sequences, train_reward_model)
 from minirlhf.train.rloo import RLOOConfig, train_rloo
 
 EOS, PAD, GOOD, BAD = 11, 0, 5, 6
@@ -35,15 +36,18 @@ def good_rate(model, n=64):
 
 
 class FirstTokenRewardModel:
-    """A stand-in reward model: +1 if the first response token (right after the prompt's 3rd token...) is GOOD.
+    """A stand-in reward model: +1 if the first response token is GOOD.
 
-    It scores full sequences (prompt then response); the response starts where the prompt mask ends.
+    It scores full sequences (prompt then response), as RewardModel does, and checks that the
+    response mask starts right after the ``prompt_len`` prompt columns.
     """
 
     def __init__(self, prompt_len):
         self.prompt_len = prompt_len
 
-    def __call__(self, ids, mask):
+    def __call__(self, ids, mask, response):
+        response = np.asarray(response)
+        assert not response[:, :self.prompt_len].any() and response[:, self.prompt_len].all()
         return Tensor((np.asarray(ids)[:, self.prompt_len] == GOOD).astype(np.float32))
 
 
@@ -118,6 +122,18 @@ def test_reward_model_learns_the_preference():
     history = train_reward_model(rm, pairs, RewardConfig(steps=30, lr=1e-2, batch_size=16), PAD, progress=False)
     assert history[-1]["loss"] < history[0]["loss"]
     assert pair_accuracy(rm, pairs, PAD) == 1.0
+
+
+def test_normalized_reward_model_scores_have_mean_zero_and_std_one_in_the_same_order():
+    rm = RewardModel.from_gpt(tiny_gpt())
+    rm.token_scores.weight.data *= 50  # a scale far from 1, as training leaves it
+    pairs = toy_pairs(8) + [(PROMPTS[1], [7, 9, 9, EOS], [GOOD, EOS])]
+    batch = pair_batch(pairs, PAD)
+    before = score_sequences(rm, *batch)
+    normalize_reward_model(rm, *batch)
+    after = score_sequences(rm, *batch)
+    assert abs(after.mean()) < 1e-5 and abs(after.std() - 1) < 1e-4
+    np.testing.assert_allclose(after, (before - before.mean()) / before.std(), atol=1e-4)
 
 
 def test_dpo_starts_at_log_two_and_raises_the_chosen_over_the_rejected():

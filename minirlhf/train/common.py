@@ -236,6 +236,8 @@ class MetricsLog:
 
     def __init__(self, log, start_step):
         self.log = log
+        if isinstance(log, (str, os.PathLike)) and os.path.dirname(log):
+            os.makedirs(os.path.dirname(log), exist_ok=True)
         if isinstance(log, (str, os.PathLike)) and os.path.exists(log):
             with open(log) as f:
                 kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start_step]

@@ -19,13 +19,13 @@ import time
 import numpy as np
 
 from .. import backend
-from ..model import GPT, GPTConfig, RewardModel, pad_batch
+from ..model import GPT, GPTConfig, RewardModel
 from ..tasks import AdditionTask, gold_score, label_pairs, perturbations, rule_reward, task_tokenizer
 from .common import evaluate_policy, load_config, rollout
 from .dpo import DPOConfig, train_dpo
 from .grpo import GRPOConfig, train_grpo
 from .ppo import PPOConfig, train_ppo, with_value_head
-from .reward import RewardConfig, normalize_reward_model, pair_accuracy, train_reward_model
+from .reward import RewardConfig, normalize_reward_model, pair_accuracy, pair_batch, train_reward_model
 from .rloo import RLOOConfig, train_rloo
 from .sft import SFTConfig, train_sft
 
@@ -41,7 +41,7 @@ def demo_settings(quick=False):
             "sft": {"steps": 400, "lr": 3e-3, "batch_size": 64, "warmup": 20, "min_lr": 3e-3},
             "preferences": {"prompts": 400, "samples": 4, "perturbations": 2, "pairs_per_prompt": 6,
                             "heldout_prompts": 100, "temperature": 0.05},
-            "rm": {"steps": 800, "lr": 1e-3, "min_lr": 1e-3, "batch_size": 32},
+            "rm": {"steps": 400, "lr": 1e-3, "min_lr": 1e-4, "batch_size": 32},
             "ppo": {"steps": 50, "lr": 1e-4, "prompts_per_step": 64, "beta": 0.5, "epochs": 2},
             "grpo": {"steps": 80, "lr": 3e-4, "prompts_per_step": 16, "group_size": 8},
             "dpo": {"steps": 120, "lr": 1e-4, "batch_size": 32, "beta": 0.5},
@@ -54,7 +54,7 @@ def demo_settings(quick=False):
         "sft": {"steps": 400, "lr": 3e-3, "batch_size": 64, "warmup": 20, "min_lr": 3e-3},
         "preferences": {"prompts": 3000, "samples": 8, "perturbations": 2, "pairs_per_prompt": 6,
                         "heldout_prompts": 200, "temperature": 0.05},
-        "rm": {"steps": 5000, "lr": 1e-3, "min_lr": 1e-3, "batch_size": 64},
+        "rm": {"steps": 4000, "lr": 1e-3, "min_lr": 1e-4, "batch_size": 64},
         "ppo": {"steps": 400, "lr": 1e-4, "prompts_per_step": 128, "beta": 0.5, "epochs": 2},
         "grpo": {"steps": 300, "lr": 3e-4, "prompts_per_step": 16, "group_size": 8},
         "dpo": {"steps": 400, "lr": 3e-4, "batch_size": 64, "beta": 0.5},
@@ -154,9 +154,7 @@ def reward_stage(env, sft, train_pairs, heldout_pairs, config, out_dir, resume=F
     rm = RewardModel.from_gpt(sft)
     history = train_reward_model(rm, train_pairs, config, env.pad_id, out_dir=out_dir, resume=resume,
                                  log=os.path.join(out_dir, "metrics.jsonl"), progress=progress)
-    ids, mask = pad_batch([p + c for p, c, _ in train_pairs] + [p + r for p, _, r in train_pairs], env.pad_id,
-                          side="right")
-    normalize_reward_model(rm, ids, mask)
+    normalize_reward_model(rm, *pair_batch(train_pairs, env.pad_id))
     metrics = {"pair_accuracy": pair_accuracy(rm, heldout_pairs, env.pad_id),
                "train_pairs": len(train_pairs), "heldout_pairs": len(heldout_pairs)}
     return rm, history, metrics

@@ -3,7 +3,7 @@
 For each step:
 
     1. draw prompts; sample one response per prompt from π_old (the current policy)
-    2. score: s = r_φ(x, y), the reward model at the response's last token
+    2. score: s = r_φ(x, y), the reward model's score of the whole response
     3. log-probs and values without gradient: log π_old(y_t), log π_ref(y_t), V_old(s_t)
     4. per-token rewards r_t = −β log(π_old/π_ref)(y_t) + [t last] · s          (losses.kl_penalty)
     5. advantages and returns by GAE(γ, λ) over the response tokens, advantages whitened  (losses.gae)
@@ -77,7 +77,8 @@ def whiten(x, mask):
 def reward_model_scores(reward_model, batch):
     ids = np.concatenate([batch.prompt_ids, batch.tokens], axis=1)
     mask = np.concatenate([batch.prompt_mask, batch.mask], axis=1)
-    return score_sequences(reward_model, ids, mask)
+    response = np.concatenate([np.zeros_like(batch.prompt_mask), batch.mask], axis=1)
+    return score_sequences(reward_model, ids, mask, response)
 
 
 def train_ppo(policy, reference, reward_model, prompts, config, eos_id, pad_id, out_dir=None, resume=False,

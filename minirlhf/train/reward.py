@@ -1,10 +1,11 @@
-"""Reward model: a GPT with a scalar head, trained on preference pairs with the Bradley-Terry loss
+"""Reward model: a GPT with reward heads, trained on preference pairs with the Bradley-Terry loss
 (Ouyang et al. 2022, eq. 1):
 
     L = −mean log σ(r(x, y_w) − r(x, y_l))
 
 For each step: draw a batch of pairs, score chosen and rejected responses in one forward pass
-(the score is read at each sequence's last token, <|im_end|>), take the loss, step.
+(per-token scores of the response plus a head on its last token, <|im_end|>; see
+:class:`minirlhf.model.RewardModel`), take the loss, step.
 Evaluation: pair accuracy, the share of pairs ordered as the hidden gold score orders them.
 """
 from dataclasses import dataclass
@@ -33,18 +34,21 @@ class RewardConfig(TrainConfig):
 
 
 def pair_batch(pairs, pad_id):
-    """Chosen rows then rejected rows: ids (2B, T) and mask (2B, T), right-padded.
+    """Chosen rows then rejected rows: ids, attention mask and response mask, each (2B, T), right-padded.
 
     ``pairs``: (prompt_ids, chosen_ids, rejected_ids) triples of token lists.
     """
-    sequences = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
-    return pad_batch(sequences, pad_id, side="right")
+    rows = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    ids, mask = pad_batch([p + y for p, y in rows], pad_id, side="right")
+    response = np.zeros_like(mask)
+    for i, (p, y) in enumerate(rows):
+        response[i, len(p):len(p) + len(y)] = 1
+    return ids, mask, response
 
 
 def pair_scores(reward_model, pairs, pad_id):
     """(r(x, y_w), r(x, y_l)), each (B,)."""
-    ids, mask = pair_batch(pairs, pad_id)
-    scores = reward_model(ids, mask)
+    scores = reward_model(*pair_batch(pairs, pad_id))
     B = len(pairs)
     return scores[:B], scores[B:]
 
@@ -73,32 +77,36 @@ def train_reward_model(reward_model, pairs, config, pad_id, out_dir=None, resume
     return history
 
 
-def score_sequences(reward_model, ids, mask, rows=512):
-    """r(x, y) for full sequences (B, T) under no_grad, in chunks; (B,) array."""
+def score_sequences(reward_model, ids, mask, response, rows=512):
+    """r(x, y) for full sequences (B, T) under no_grad, in chunks; (B,) array.
+
+    mask: the attention mask; response: 1 on the response tokens (both (B, T)).
+    """
     with no_grad():
-        return np.concatenate([reward_model(ids[s:s + rows], mask[s:s + rows]).data
+        return np.concatenate([reward_model(ids[s:s + rows], mask[s:s + rows], response[s:s + rows]).data
                                for s in range(0, len(ids), rows)])
 
 
 def pair_accuracy(reward_model, pairs, pad_id):
     """Share of (prompt, better, worse) triples with r(better) > r(worse)."""
     check_not_empty(pairs, "pairs", "pair_accuracy")
-    ids, mask = pair_batch(pairs, pad_id)
-    scores = score_sequences(reward_model, ids, mask)
+    scores = score_sequences(reward_model, *pair_batch(pairs, pad_id))
     B = len(pairs)
     return float((scores[:B] > scores[B:]).mean())
 
 
-def normalize_reward_model(reward_model, ids, mask):
-    """Rescale the reward head so that scores on (ids, mask) have mean 0 and standard deviation 1.
+def normalize_reward_model(reward_model, ids, mask, response):
+    """Rescale the heads so that scores on (ids, mask, response) have mean 0 and standard deviation 1.
 
     Bradley-Terry fixes rewards only up to a shift (and the scale is whatever training reached);
-    fixing both keeps the KL coefficient of PPO meaningful from one run to the next.
+    fixing both keeps the KL coefficient of PPO meaningful from one run to the next. r is linear
+    in (u, w, b), so (r − mean)/std is u/std, w/std, (b − mean)/std.
     """
-    scores = score_sequences(reward_model, ids, mask)
+    scores = score_sequences(reward_model, ids, mask, response)
     mean, std = float(scores.mean()), float(scores.std()) + 1e-6
-    head = reward_model.reward_head
-    head.weight.data = (head.weight.data / std).astype(head.weight.dtype)
-    head.bias.data = ((head.bias.data - mean) / std).astype(head.bias.dtype)
+    for p in (reward_model.token_scores.weight, reward_model.reward_head.weight):
+        p.data = (p.data / std).astype(p.dtype)
+    bias = reward_model.reward_head.bias
+    bias.data = ((bias.data - mean) / std).astype(bias.dtype)
     return mean, std
 

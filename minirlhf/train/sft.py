@@ -6,7 +6,6 @@ Only response tokens are predicted: the prompt is context, not a target (the fir
 InstructGPT recipe, Ouyang et al. 2022). Each optimizer step averages ``grad_accum`` micro-batches,
 clips the global gradient norm, and follows a linear warmup then cosine decay of the learning rate.
 """
-import json
 import os
 from dataclasses import asdict, dataclass
 
@@ -16,6 +15,7 @@ from .. import functional as F
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..model import pad_batch
 from ..optim import AdamW, clip_grad_norm_, cosine_lr
+from .common import MetricsLog
 
 
 @dataclass
@@ -86,6 +86,7 @@ def train_sft(model, examples, config, out_dir=None, resume=False, log=None):
     if resume:
         start, extra = load_checkpoint(ckpt_dir, model, optimizer)
         data_rng.bit_generator.state = extra["data_rng"]
+    write = MetricsLog(log, start)
     xp = model.wte.weight.xp
     model.train()
     history = []
@@ -105,22 +106,12 @@ def train_sft(model, examples, config, out_dir=None, resume=False, log=None):
         optimizer.zero_grad()
         metrics = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm)}
         history.append(metrics)
-        _log(log, metrics)
+        write(metrics)
         if ckpt_dir is not None and (step + 1 == config.steps or
                                      (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)):
             save_checkpoint(ckpt_dir, model, optimizer, step + 1,
                             extra={"data_rng": data_rng.bit_generator.state, "config": asdict(config)})
     return history
-
-
-def _log(log, metrics):
-    if log is None:
-        return
-    if callable(log):
-        log(metrics)
-        return
-    with open(log, "a") as f:
-        f.write(json.dumps(metrics) + "\n")
 
 
 def _check_examples(examples, block_size):
