@@ -97,3 +97,21 @@ def generator(device="cpu"):
         seed = _generators.get("seed", 0)
         _generators[device] = xp_for(device).random.default_rng(seed)
     return _generators[device]
+
+
+def keep_freed_memory(nbytes=256 << 20):
+    """Ask glibc's malloc to keep ``nbytes`` of freed memory mapped (mallopt M_TOP_PAD) instead of
+    handing it back to the OS at every free; returns whether it could.
+
+    Each training step on NumPy allocates and frees the same large temporaries; by default glibc
+    trims them off its heap and maps them again on the next step, so every step pays page faults
+    for them. Keeping the pad roughly halves the time of a demo step on a 2-core machine. It
+    changes nothing but speed, and does nothing off glibc (macOS, Windows, musl).
+    """
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return False
+    M_TOP_PAD = -2
+    return bool(mallopt(M_TOP_PAD, int(nbytes)))

@@ -17,6 +17,8 @@ import json
 import os
 import sys
 
+from . import backend
+
 
 def _bool(text):
     if text.lower() in ("1", "true", "yes"):
@@ -147,6 +149,7 @@ def run_stage(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    backend.keep_freed_memory()
     try:
         if args.command == "demo":
             from .train.pipeline import run_demo

@@ -14,6 +14,7 @@ from minirlhf import backend
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
 settings.register_profile("thorough", max_examples=300, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+backend.keep_freed_memory()
 
 
 def pytest_addoption(parser):

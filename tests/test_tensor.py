@@ -59,6 +59,17 @@ def test_tensor_knows_its_array_module(device):
     assert (x * 2 + 1).xp is xp
 
 
+def test_keep_freed_memory_applies_on_glibc_and_is_harmless_elsewhere():
+    import platform
+    applied = minirlhf.backend.keep_freed_memory()
+    assert isinstance(applied, bool)
+    if platform.libc_ver()[0] == "glibc":
+        assert applied
+    x = Tensor(np.arange(6.0).reshape(2, 3), requires_grad=True)
+    (x * x).sum().backward()
+    np.testing.assert_array_equal(x.grad, 2 * x.data)
+
+
 @pytest.mark.skipif(backend.gpu_available(), reason="this machine has a GPU")
 def test_to_cuda_without_a_gpu_says_what_is_missing():
     with pytest.raises(RuntimeError, match="cupy is not installed or sees no GPU"):
