@@ -331,9 +331,12 @@ class RewardModel(nn.Module):
         B, T, _ = h.shape
         xp = h.xp
         ids = _as_array(ids, xp)
-        mask = xp.ones((B, T), dtype=bool) if attention_mask is None else _as_array(attention_mask, xp) != 0
-        if not bool(mask.any(axis=1).all()):
-            raise ValueError("RewardModel: every row of attention_mask needs at least one real token (a 1)")
+        if attention_mask is None:
+            mask = xp.ones((B, T), dtype=bool)
+        else:
+            mask = _as_array(attention_mask, xp) != 0
+            if not bool(mask.any(axis=1).all()):
+                raise ValueError("RewardModel: every row of attention_mask needs at least one real token (a 1)")
         if response_mask is None:
             scored = mask & (xp.cumsum(mask, axis=1) > 1)
         else:
