@@ -306,7 +306,7 @@ class RewardModel(nn.Module):
     h_t is the trunk's hidden state at position t. The first term scores each response token
     from the state just before it, the state whose LM head predicted that token, through a
     (V, C) table u shaped like the embedding: a per-token decomposition of the sequence reward
-    (Rafailov et al. 2024, "From r to Q*", eq. 7 writes DPO's implicit reward the same way).
+    (Rafailov et al. 2024, "From r to Q*", write DPO's implicit reward as such a sum).
     It lets the model compare each token with what the trunk expects there. The second term is
     the usual scalar head on the last real token (Ouyang et al. 2022), which sees the whole
     response. A last-token head alone must check the answer again in its final layers, which a
