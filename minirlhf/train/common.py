@@ -100,6 +100,18 @@ def pad_responses(responses, pad_id):
     return pad_batch(responses, pad_id, side="right")
 
 
+def pad_prompt_response(rows, pad_id):
+    """Right-padded prompt ⧺ response sequences: ids, attention mask and response mask, each (B, T).
+
+    ``rows``: (prompt_ids, response_ids) pairs; the response mask is 1 exactly on the response tokens.
+    """
+    ids, mask = pad_batch([list(p) + list(y) for p, y in rows], pad_id, side="right")
+    response = np.zeros_like(mask)
+    for i, (p, y) in enumerate(rows):
+        response[i, len(p):len(p) + len(y)] = 1
+    return ids, mask, response
+
+
 def response_logits(model, prompt_ids, prompt_mask, tokens, mask, return_values=False):
     """Logits (B, N, V) that score each response token [and values (B, N) of the states before them].
 
@@ -236,9 +248,11 @@ class MetricsLog:
 
     def __init__(self, log, start_step):
         self.log = log
-        if isinstance(log, (str, os.PathLike)) and os.path.dirname(log):
+        if not isinstance(log, (str, os.PathLike)):
+            return
+        if os.path.dirname(log):
             os.makedirs(os.path.dirname(log), exist_ok=True)
-        if isinstance(log, (str, os.PathLike)) and os.path.exists(log):
+        if os.path.exists(log):
             with open(log) as f:
                 kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start_step]
             with open(log, "w") as f:

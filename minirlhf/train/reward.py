@@ -13,11 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import losses
-from ..model import pad_batch
 from ..tensor import no_grad
 from ..optim import cosine_lr
 from .common import (TrainConfig, begin_run, check_not_empty, is_number, is_positive_int, maybe_checkpoint,
-                     optimizer_step, require)
+                     optimizer_step, pad_prompt_response, require)
 
 
 @dataclass
@@ -38,12 +37,7 @@ def pair_batch(pairs, pad_id):
 
     ``pairs``: (prompt_ids, chosen_ids, rejected_ids) triples of token lists.
     """
-    rows = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
-    ids, mask = pad_batch([p + y for p, y in rows], pad_id, side="right")
-    response = np.zeros_like(mask)
-    for i, (p, y) in enumerate(rows):
-        response[i, len(p):len(p) + len(y)] = 1
-    return ids, mask, response
+    return pad_prompt_response([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], pad_id)
 
 
 def pair_scores(reward_model, pairs, pad_id):

@@ -13,9 +13,8 @@ import numpy as np
 
 from .. import functional as F
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..model import pad_batch
 from ..optim import AdamW, clip_grad_norm_, cosine_lr
-from .common import MetricsLog
+from .common import MetricsLog, pad_prompt_response
 
 
 @dataclass
@@ -55,11 +54,7 @@ def sft_batch(examples, pad_id=0):
     Returns ids (B, T), targets (B, T) with targets[:, t] = s_{t+1}, and loss_mask (B, T)
     with 1 exactly where targets[:, t] is a response token.
     """
-    sequences = [list(p) + list(r) for p, r in examples]
-    ids, real = pad_batch(sequences, pad_id, side="right")
-    is_response = np.zeros_like(real)
-    for i, (p, r) in enumerate(examples):
-        is_response[i, len(p):len(p) + len(r)] = 1
+    ids, _, is_response = pad_prompt_response(examples, pad_id)
     return ids[:, :-1], ids[:, 1:], is_response[:, 1:]
 
 
