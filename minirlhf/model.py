@@ -136,27 +136,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def pad_batch(sequences, pad_id=0, side="left"):
-    """Stack token lists into ids (B, T) int64 and mask (B, T) float32 (1 = real token).
-
-    ``side="left"`` for prompts that will be continued (generation, RLHF rollouts),
-    ``side="right"`` for training sequences.
-    """
-    if side not in ("left", "right"):
-        raise ValueError(f"pad_batch: side must be 'left' or 'right', got {side!r}")
-    sequences = [list(s) for s in sequences]
-    if not sequences:
-        raise ValueError("pad_batch: sequences is empty; expected at least one sequence")
-    T = max(len(s) for s in sequences)
-    ids = np.full((len(sequences), T), pad_id, dtype=np.int64)
-    mask = np.zeros((len(sequences), T), dtype=np.float32)
-    for i, s in enumerate(sequences):
-        cols = slice(T - len(s), T) if side == "left" else slice(0, len(s))
-        ids[i, cols] = s
-        mask[i, cols] = 1
-    return ids, mask
-
-
 def _as_array(x, xp):
     data = x.data if isinstance(x, Tensor) else x
     if not (isinstance(data, np.ndarray) or backend.is_cupy_array(data)):
@@ -225,13 +204,24 @@ class GPT(nn.Module):
 
     def forward(self, ids, attention_mask=None, cache=None, return_values=False):
         h = self.hidden(ids, attention_mask, cache)
-        logits = F.linear(h, self.wte.weight)  # (B, T, V), tied to the input embedding
         if not return_values:
-            return logits
+            return self.lm_logits(h)
+        return self.lm_logits(h), self.values(h)
+
+    def lm_logits(self, h):
+        """Next-token logits (..., V) from hidden states (..., C): the LM head, tied to the input embedding."""
+        return F.linear(h, self.wte.weight)
+
+    def values(self, h):
+        """V(s_t) for each hidden state (B, T, C) → (B, T), from the value head.
+
+        The head reads the states without sending gradient back into them: a critic that regresses
+        noisy returns through the shared trunk drags the policy away from where it was.
+        """
         if self.value_head is None:
-            raise ValueError("GPT: return_values=True needs a value head; build the model with GPT(cfg, value_head=True)")
+            raise ValueError("GPT: values need a value head; build the model with GPT(cfg, value_head=True)")
         B, T, _ = h.shape
-        return logits, self.value_head(h).reshape(B, T)
+        return self.value_head(h.detach()).reshape(B, T)
 
     def new_cache(self):
         """An empty KV cache for incremental decoding (up to block_size positions)."""

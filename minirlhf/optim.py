@@ -156,13 +156,16 @@ def cosine_lr(step, max_lr, warmup_steps, total_steps, min_lr=0.0):
 
 
 class WarmupCosine:
-    """Sets every group's lr to ``cosine_lr(step, ...)``; call ``.step()`` after each optimizer step."""
+    """Sets every group's lr to ``cosine_lr(step, ...)``; call ``.step()`` after each optimizer step.
 
-    def __init__(self, optimizer, warmup_steps, total_steps, min_lr=0.0):
+    ``start``: the step a resumed run continues from (its lr is the one that step had).
+    """
+
+    def __init__(self, optimizer, warmup_steps, total_steps, min_lr=0.0, start=0):
         self.optimizer = optimizer
         self.max_lrs = [g["lr"] for g in optimizer.param_groups]
         self.warmup_steps, self.total_steps, self.min_lr = warmup_steps, total_steps, min_lr
-        self.last_step = 0
+        self.last_step = start
         self._apply()
 
     def _apply(self):

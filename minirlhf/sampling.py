@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import backend
-from .model import pad_batch
+from .padding import pad_batch
 from .tensor import no_grad
 
 

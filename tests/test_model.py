@@ -6,7 +6,8 @@ import pytest
 import minirlhf
 import minirlhf.functional as F
 from minirlhf import no_grad
-from minirlhf.model import GPT, GPTConfig, RewardModel, pad_batch
+from minirlhf.model import GPT, GPTConfig, RewardModel
+from minirlhf.padding import pad_batch
 
 CFG = GPTConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=64, block_size=32)
 

@@ -1,6 +1,8 @@
-"""Trainers, one file each (sft, reward, ppo, grpo, dpo), each a short loop over the same pieces:
+"""The application layer: one file per stage (sft, reward, ppo, grpo, dpo, rloo), each a short loop
 
-    batch → forward → log-probs → loss (from minirlhf.losses) → backward → clip → optimizer step
+    sample → score → log-probs (minirlhf.rollout) → loss (minirlhf.losses) → backward → step
 
-with the warmup + cosine learning rate, periodic checkpoints and JSONL metrics.
+over the same run machinery (``run.py``: AdamW with warmup + cosine, exact resume, the metrics
+log and progress line); their settings (``config.py``), metrics (``metrics.py``), held-out
+evaluation (``evaluate.py``), the stage registry (``stages.py``) and the demo (``demo.py``).
 """

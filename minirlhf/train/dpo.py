@@ -4,41 +4,47 @@
 
 The reference log-probs log π_ref(y|x) never change, so they are computed once, before training.
 Each step: draw pairs, sequence log-probs of chosen and rejected under π in one forward pass,
-the loss (losses.dpo_loss), a step. The implicit rewards β log π/π_ref are logged: their margin
-(chosen − rejected) and the share of pairs where the chosen one's is higher (the accuracy).
+the loss (losses.dpo_loss, where β·h is formed), a step. The implicit rewards β log π/π_ref are
+logged: their margin (chosen − rejected) and the share of pairs where the chosen one's is higher.
 """
 from dataclasses import dataclass
 
 import numpy as np
 
 from .. import losses
-from ..model import pad_batch
+from ..rollout import from_responses, sequence_logprobs
 from ..tensor import no_grad
-from .common import (TrainConfig, begin_run, check_not_empty, is_positive, is_positive_int, maybe_checkpoint,
-                     optimizer_step, pad_responses, require, sequence_logprobs)
+from ..validation import is_positive_int, require
+from .config import TrainConfig, check_with
+from .run import PAIRS, Run, check_not_empty, draw_rows
 
 
 @dataclass
 class DPOConfig(TrainConfig):
-    lr: float = 1e-4
-    batch_size: int = 32           # pairs per step
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
+    steps: int = 400
+    lr: float = 3e-4
+    batch_size: int = 64           # pairs per step
+    beta: float = 0.5              # β: the KL weight; the implicit reward is β log π/π_ref
+    loss_type: str = "sigmoid"     # sigmoid | ipo | hinge | robust | cdpo (see losses.dpo_loss)
+    label_smoothing: float = 0.0   # ε, the assumed label-flip rate (robust and cdpo only)
 
     def check(self):
         super().check()
         require(self, "batch_size", is_positive_int, "a positive integer")
-        require(self, "beta", is_positive, "> 0")
-        require(self, "loss_type", lambda v: v in losses.DPO_LOSS_TYPES, f"one of {losses.DPO_LOSS_TYPES}")
-        require(self, "label_smoothing", lambda v: 0 <= v < 0.5, "in [0, 0.5)")
+        zero = np.zeros(1)
+        check_with(self, losses.dpo_loss, zero, zero, zero, zero, beta=self.beta, loss_type=self.loss_type,
+                   label_smoothing=self.label_smoothing)
+
+
+def pair_rollout(pairs, pad_id):
+    """Chosen rows then rejected rows of (prompt, chosen, rejected) token triples, as one rollout."""
+    prompts = [p for p, _, _ in pairs]
+    return from_responses(prompts * 2, [c for _, c, _ in pairs] + [r for _, _, r in pairs], pad_id)
 
 
 def pair_logprobs(model, pairs, pad_id):
     """(log π(y_w|x), log π(y_l|x)), each (B,), from one forward pass over chosen and rejected rows."""
-    prompt_ids, prompt_mask = pad_batch([p for p, _, _ in pairs] * 2, pad_id, side="left")
-    tokens, mask = pad_responses([c for _, c, _ in pairs] + [r for _, _, r in pairs], pad_id)
-    logp = sequence_logprobs(model, prompt_ids, prompt_mask, tokens, mask)
+    logp = sequence_logprobs(model, pair_rollout(pairs, pad_id))
     B = len(pairs)
     return logp[:B], logp[B:]
 
@@ -58,23 +64,20 @@ def train_dpo(policy, reference, pairs, config, pad_id, out_dir=None, resume=Fal
     """Train ``policy`` in place on ``pairs`` of (prompt, chosen, rejected) token lists; returns the metrics."""
     check_not_empty(pairs, "pairs", "train_dpo")
     ref_chosen, ref_rejected = reference_logprobs(reference, pairs, pad_id)
-    optimizer, start, _, write, bar = begin_run("train_dpo", "dpo", policy, config, out_dir, resume, log,
-                                                progress)
-    history = []
-    for step in range(start, config.steps):
-        picked = np.random.default_rng([config.seed, step]).choice(len(pairs), min(config.batch_size, len(pairs)),
-                                                                   replace=False)
+    run = Run("dpo", policy, config, out_dir, resume, log, progress)
+    for step in run.steps():
+        lr = run.lr
+        picked = draw_rows(len(pairs), config.batch_size, config.seed, step, PAIRS)
         pi_chosen, pi_rejected = pair_logprobs(policy, [pairs[i] for i in picked], pad_id)
         loss, chosen_rewards, rejected_rewards = losses.dpo_loss(
             pi_chosen, pi_rejected, ref_chosen[picked], ref_rejected[picked], beta=config.beta,
             loss_type=config.loss_type, label_smoothing=config.label_smoothing)
-        grad_norm = optimizer_step(policy, optimizer, loss, config.clip)
+        grad_norm = run.optimizer_step(loss)
         margin = chosen_rewards.data - rejected_rewards.data
-        metrics = {"step": step + 1, "loss": float(loss.item()), "reward_margin": float(margin.mean()),
-                   "reward_accuracy": float((margin > 0).mean()), "chosen_reward": float(chosen_rewards.data.mean()),
-                   "rejected_reward": float(rejected_rewards.data.mean()), "grad_norm": grad_norm}
-        history.append(metrics)
-        write(metrics)
-        bar.update(step + 1, loss=metrics["loss"], margin=metrics["reward_margin"])
-        maybe_checkpoint(out_dir, policy, optimizer, step + 1, config)
-    return history
+        run.end_step(step, {"loss": float(loss.item()), "rewards/chosen": float(chosen_rewards.data.mean()),
+                            "rewards/rejected": float(rejected_rewards.data.mean()),
+                            "rewards/margins": float(margin.mean()), "rewards/accuracies": float((margin > 0).mean()),
+                            "logps/chosen": float(pi_chosen.data.mean()),
+                            "logps/rejected": float(pi_rejected.data.mean()),
+                            "learning_rate": lr, "grad_norm": grad_norm}, shown=("loss", "rewards/margins"))
+    return run.history

@@ -5,7 +5,8 @@
 
 For each step: draw a batch of pairs, score chosen and rejected responses in one forward pass
 (per-token scores of the response plus a head on its last token, <|im_end|>; see
-:class:`minirlhf.model.RewardModel`), take the loss, step.
+:class:`minirlhf.model.RewardModel`), take the loss, step. The learning rate decays along a cosine
+(``min_lr``): labels are noisy, and a decaying step size settles the fit.
 Evaluation: pair accuracy, the share of pairs ordered as the hidden gold score orders them.
 """
 from dataclasses import dataclass
@@ -13,23 +14,23 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import losses
+from ..padding import pad_prompt_response
 from ..tensor import no_grad
-from ..optim import cosine_lr
-from .common import (TrainConfig, begin_run, check_not_empty, is_number, is_positive_int, maybe_checkpoint,
-                     optimizer_step, pad_prompt_response, require)
+from ..validation import is_positive_int, require
+from .config import TrainConfig
+from .run import PAIRS, Run, check_not_empty, draw_rows
 
 
 @dataclass
 class RewardConfig(TrainConfig):
-    lr: float = 3e-4
-    steps: int = 200
-    batch_size: int = 32           # pairs per step
-    min_lr: float = 0.0            # the learning rate decays from lr to min_lr along a cosine
+    steps: int = 4000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    batch_size: int = 64           # pairs per step
 
     def check(self):
         super().check()
         require(self, "batch_size", is_positive_int, "a positive integer")
-        require(self, "min_lr", lambda v: is_number(v) and 0 <= v <= self.lr, f"in [0, lr={self.lr}]")
 
 
 def pair_batch(pairs, pad_id):
@@ -51,24 +52,17 @@ def train_reward_model(reward_model, pairs, config, pad_id, out_dir=None, resume
     """Fit ``reward_model`` (a :class:`minirlhf.model.RewardModel`) to ``pairs`` of (prompt, chosen,
     rejected) token lists; returns the per-step metrics."""
     check_not_empty(pairs, "pairs", "train_reward_model")
-    optimizer, start, _, write, bar = begin_run("train_reward_model", "rm", reward_model, config, out_dir, resume, log,
-                                                progress)
-    history = []
-    for step in range(start, config.steps):
-        for group in optimizer.param_groups:  # labels are noisy: a decaying step size settles the fit
-            group["lr"] = cosine_lr(step, config.lr, 0, config.steps, config.min_lr)
-        picked = np.random.default_rng([config.seed, step]).choice(len(pairs), min(config.batch_size, len(pairs)),
-                                                                   replace=False)
+    run = Run("rm", reward_model, config, out_dir, resume, log, progress)
+    for step in run.steps():
+        lr = run.lr
+        picked = draw_rows(len(pairs), config.batch_size, config.seed, step, PAIRS)
         r_chosen, r_rejected = pair_scores(reward_model, [pairs[i] for i in picked], pad_id)
         loss, accuracy = losses.bradley_terry_loss(r_chosen, r_rejected)
-        grad_norm = optimizer_step(reward_model, optimizer, loss, config.clip)
-        metrics = {"step": step + 1, "loss": float(loss.item()), "accuracy": float(accuracy),
-                   "margin": float((r_chosen.data - r_rejected.data).mean()), "grad_norm": grad_norm}
-        history.append(metrics)
-        write(metrics)
-        bar.update(step + 1, loss=metrics["loss"], acc=metrics["accuracy"])
-        maybe_checkpoint(out_dir, reward_model, optimizer, step + 1, config)
-    return history
+        grad_norm = run.optimizer_step(loss)
+        run.end_step(step, {"loss": float(loss.item()), "accuracy": float(accuracy),
+                            "margin": float((r_chosen.data - r_rejected.data).mean()), "learning_rate": lr,
+                            "grad_norm": grad_norm}, shown=("loss", "accuracy"))
+    return run.history
 
 
 def score_sequences(reward_model, ids, mask, response, rows=512):
@@ -79,6 +73,14 @@ def score_sequences(reward_model, ids, mask, response, rows=512):
     with no_grad():
         return np.concatenate([reward_model(ids[s:s + rows], mask[s:s + rows], response[s:s + rows]).data
                                for s in range(0, len(ids), rows)])
+
+
+def score_rollout(reward_model, rollout):
+    """r(x, y) of each response of a :class:`~minirlhf.rollout.Rollout`, (B,)."""
+    ids = np.concatenate([rollout.prompt_ids, rollout.tokens], axis=1)
+    mask = np.concatenate([rollout.prompt_mask, rollout.mask], axis=1)
+    response = np.concatenate([np.zeros_like(rollout.prompt_mask), rollout.mask], axis=1)
+    return score_sequences(reward_model, ids, mask, response)
 
 
 def pair_accuracy(reward_model, pairs, pad_id):
@@ -103,4 +105,3 @@ def normalize_reward_model(reward_model, ids, mask, response):
     bias = reward_model.reward_head.bias
     bias.data = ((bias.data - mean) / std).astype(bias.dtype)
     return mean, std
-
