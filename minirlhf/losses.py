@@ -133,26 +133,34 @@ def _fraction(flags, m):
 
 
 # ------------------------------------------------------- log-probs and means
+def masked_token_logprobs(logits, targets, mask):
+    """log π(y_t | x, y_<t) where mask is 1, else 0: shape (B, T).
+
+    logits (B, T, V) predict targets (B, T) (already shifted: logits[:, t] scores
+    targets[:, t]); mask (B, T) is 1 on response tokens. Targets under the mask may be
+    anything, -100 included. The logits under the mask are zeroed before the log-softmax
+    (one more (B, T, V) pass), so a NaN or inf there reaches neither the value nor the gradient.
+    """
+    logits = _tensor(logits, "logits")
+    if logits.ndim != 3:
+        raise ValueError(f"logits: expected shape (B, T, V), got {logits.shape}")
+    ids = _array(targets, logits)
+    if tuple(ids.shape) != logits.shape[:-1]:
+        raise ValueError(f"targets: expected shape {logits.shape[:-1]} (logits' (B, T)), got {tuple(ids.shape)}")
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"targets: expected integer token ids, got dtype {ids.dtype}")
+    keep = _mask(mask, logits, shape=logits.shape[:-1]) > 0
+    logits = F.where(keep[..., None], logits, 0.0)
+    logp = F.token_logprobs(logits, logits.xp.where(keep, ids, 0))
+    return F.where(keep, logp, 0.0)
+
+
 def sequence_logprobs(logits, targets, mask):
     """log π(y|x) = Σ_t mask_t · log π(y_t | x, y_<t), one value per row.
 
-    logits (B, T, V) predict targets (B, T) (already shifted: logits[:, t] scores
-    targets[:, t]); mask (B, T) is 1 on response tokens. Targets under the mask may
-    be anything, -100 included. Returns (B,).
+    Arguments as in masked_token_logprobs. Returns (B,).
     """
-    m = _mask(mask, logits, shape=logits.shape[:-1])
-    return _masked_token_logprobs(logits, targets, m).sum(axis=-1)
-
-
-def _masked_token_logprobs(logits, targets, m):
-    """log π(y_t) where m is 1, else 0. Masked rows of logits are zeroed first: one more (B, T, V)
-    pass, and what keeps a NaN or inf in the padding out of every gradient."""
-    xp = logits.xp
-    ids = _array(targets, logits)
-    keep = m > 0
-    logits = F.where(keep[..., None], logits, 0.0)
-    logp = F.token_logprobs(logits, xp.where(keep, ids, 0))
-    return F.where(keep, logp, 0.0)
+    return masked_token_logprobs(logits, targets, mask).sum(axis=-1)
 
 
 def masked_mean(x, mask, axis=None):
@@ -163,15 +171,59 @@ def masked_mean(x, mask, axis=None):
     return _keep(x, m).sum(axis=axis) / xp.maximum(m.sum(axis=axis), 1.0)
 
 
-def sft_loss(logits, targets, mask):
+def whiten(x, mask, eps=1e-8):
+    """(x − μ) / (σ + eps) on masked-in entries, 0 elsewhere, with μ and σ over the masked-in
+    entries only; σ is the unbiased (n − 1) standard deviation, as in TRL's ``masked_whiten``.
+
+    The one whitening of the project: PPO's advantages (Andrychowicz et al. 2021, §3.5) and
+    REINFORCE++'s batch normalisation of returns (Hu 2025). x and mask of the same shape;
+    eps >= 0. A constant x (or a single masked-in entry) gives exactly 0. Returns a detached Tensor.
+    """
+    _check_nonnegative(eps, "eps")
+    x = _tensor(x, "x").detach()
+    m = _mask(mask, x)
+    xp = x.xp
+    if x.data.size == 0:
+        return Tensor(xp.zeros_like(x.data), dtype=x.dtype)
+    keep = m > 0
+    n = m.sum()
+    mean = xp.where(keep, x.data, 0).sum() / xp.maximum(n, 1.0)
+    centred = xp.where(keep, x.data - mean, 0)
+    # σ = s·std(centred / s) with s = max |centred|: the squares cannot overflow, even in float32
+    s = xp.abs(centred).max()
+    u = centred / xp.where(s > 0, s, 1)
+    std = s * xp.sqrt((u * u).sum() / xp.maximum(n - 1, 1.0))
+    first = x.data.reshape(-1)[xp.argmax(keep.reshape(-1))]
+    constant = xp.where(keep, x.data, first).min() == xp.where(keep, x.data, first).max()
+    out = xp.where(keep & ~constant, centred / (std + eps), 0)
+    return Tensor(out.astype(x.dtype, copy=False), dtype=x.dtype)
+
+
+def _num_tokens(num_tokens, m):
+    """The token-mean denominator: Σ mask (at least 1), or ``num_tokens`` where the mean runs over
+    more tokens than this batch holds (every micro-batch of an accumulated step)."""
+    if num_tokens is None:
+        return backend.get_array_module(m).maximum(m.sum(), 1.0)
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, float, np.integer, np.floating)) \
+            or not 0 < num_tokens < math.inf:
+        raise ValueError(f"num_tokens: expected a positive finite number (the token count of the whole "
+                         f"accumulated batch), got {num_tokens!r}")
+    return float(num_tokens)
+
+
+def sft_loss(logits, targets, mask, num_tokens=None):
     """Supervised fine-tuning: masked token cross-entropy, averaged over every response token.
 
-    L = −Σ_{i,t} m_it log π(y_it | x_i, y_i,<t) / Σ_{i,t} m_it   (InstructGPT, Ouyang et al. 2022, §3.5).
+    L = −Σ_{i,t} m_it log π(y_it | x_i, y_i,<t) / N   (InstructGPT, Ouyang et al. 2022, §3.5)
+
+    with N = Σ_{i,t} m_it, or ``num_tokens`` when given: the token count of all the
+    micro-batches of one accumulated step, so that summing their losses gives the loss of
+    the whole batch (the gradient-accumulation fix of transformers, 2024).
     logits (B, T, V), targets (B, T) integer, mask (B, T) 1 on the tokens to imitate.
     """
-    m = _mask(mask, logits, shape=logits.shape[:-1])
-    logp = _masked_token_logprobs(logits, targets, m)
-    return -logp.sum() / logits.xp.maximum(m.sum(), 1.0)
+    logp = masked_token_logprobs(logits, targets, mask)
+    m = _mask(mask, logp)
+    return -logp.sum() / _num_tokens(num_tokens, m)
 
 
 # ---------------------------------------------------------- reward model
@@ -246,6 +298,19 @@ def kl_estimate(logp, ref_logp, estimator="k1"):
     if estimator == "k2":
         return 0.5 * log_ratio * log_ratio
     return _k3_op(F.clip(-log_ratio, None, MAX_LOG_RATIO))
+
+
+def response_kl(logp, ref_logp, mask, estimator="k1"):
+    """The KL of each response: Σ_t m_t · k(y_t), k the per-token estimator of kl_estimate
+    ("k1" | "k2" | "k3"), so that E_{y~π}[response_kl] = KL(π(·|x) ‖ π_ref(·|x)) for k1 and k3.
+
+    logp (B, T) with or without gradient (it flows through, as in kl_estimate); ref_logp (B, T)
+    detached; mask (B, T). What sits under the mask is never read. Returns (B,).
+    """
+    logp = _tensor(logp, "logp")
+    m = _mask(mask, logp)
+    ref_logp = _const(ref_logp, logp, "ref_logp", logp.shape)
+    return _keep(kl_estimate(_keep(logp, m), _keep(ref_logp, m), estimator), m).sum(axis=1)
 
 
 def kl_penalty(logp, ref_logp, mask, scores, beta, estimator="k1"):
@@ -382,19 +447,12 @@ def reinforce_pp_advantages(scores, logp, ref_logp, mask, beta=0.01, gamma=1.0, 
 
     scores (B,) from the reward model; logp, ref_logp (B, T) of the sampled tokens under
     the rollout policy and the reference; mask (B, T). mean and std (unbiased) run over the
-    masked-in tokens of the whole batch. Returns detached (B, T), 0 under the mask.
+    masked-in tokens of the whole batch (see whiten). Returns detached (B, T), 0 under the mask.
     """
-    _check_nonnegative(eps, "eps")
     rewards = kl_penalty(logp, ref_logp, mask, scores, beta, estimator="k1")
     returns, _ = gae(rewards, Tensor(rewards.xp.zeros_like(rewards.data), dtype=rewards.dtype), mask,
                      gamma=gamma, lam=1.0)
-    m = _mask(mask, returns)
-    G = returns.data
-    xp = returns.xp
-    n = m.sum()
-    mean = (G * m).sum() / xp.maximum(n, 1.0)
-    var = (((G - mean) * m) ** 2).sum() / xp.maximum(n - 1, 1.0)
-    return Tensor(xp.where(m > 0, (G - mean) / (xp.sqrt(var) + eps), 0), dtype=returns.dtype)
+    return whiten(returns, mask, eps)
 
 
 # ------------------------------------------------------------------ PPO
@@ -496,21 +554,21 @@ def grpo_advantages(rewards, group_size, scale="group", eps=1e-4):
     return Tensor(centered.reshape(r.shape[0]), dtype=r.dtype)
 
 
-def _aggregate(per_token, m, loss_type):
+def _aggregate(per_token, m, loss_type, num_tokens=None):
     xp = backend.get_array_module(m)
     masked = _keep(per_token, m)
     if loss_type == "grpo":
         return (masked.sum(axis=1) / xp.maximum(m.sum(axis=1), 1.0)).mean()
     if loss_type == "dr_grpo":
         return masked.sum() / (m.shape[0] * m.shape[1])
-    return masked.sum() / xp.maximum(m.sum(), 1.0)
+    return masked.sum() / _num_tokens(num_tokens, m)
 
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04, clip_eps=0.2, clip_eps_high=None,
-              loss_type="grpo"):
+              loss_type="grpo", num_tokens=None):
     """GRPO (Shao et al. 2024, DeepSeekMath eq. 3), per token:
 
         ℓ_t = −min(ρ_t A_i, clip(ρ_t, 1−ε_low, 1+ε_high) A_i) + β · k3_t,
@@ -518,12 +576,14 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04, clip_eps=0.
 
     then aggregated by loss_type:
       "grpo"    mean_i (Σ_t m ℓ / Σ_t m)          token mean per sequence, then mean (the paper)
-      "bnpo"    Σ m ℓ / Σ m                       token mean over the batch
+      "bnpo"    Σ m ℓ / N                         token mean over the batch, N = Σ m
       "dr_grpo" Σ m ℓ / (B · T)                   a constant normaliser (Dr. GRPO, Liu et al. 2025);
                                                    pad to a fixed T to keep it constant across steps
-      "dapo"    Σ m ℓ / (number of response tokens)   (DAPO's token-level loss, Yu et al. 2025); within one
-                                                   batch this equals "bnpo" — they differ only when
-                                                   gradients accumulate over several batches
+      "dapo"    Σ m ℓ / N                         DAPO's token-level loss (Yu et al. 2025); the same
+                                                   formula as "bnpo", named as the paper names it
+
+    For "bnpo" and "dapo", ``num_tokens`` replaces N by the token count of every micro-batch of
+    an accumulated step, so that the micro-batch losses sum to the loss of the whole batch.
 
     logp (B, T) with gradient; old_logp (B, T) from the rollout policy; ref_logp (B, T)
     from the reference (may be None when beta == 0); advantages (B,) (or (B, T)) from
@@ -532,6 +592,9 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04, clip_eps=0.
     (the token mean of k3).
     """
     _check_option(loss_type, GRPO_LOSS_TYPES, "loss_type")
+    if num_tokens is not None and loss_type not in ("bnpo", "dapo"):
+        raise ValueError(f"num_tokens: only the token-mean loss types 'bnpo' and 'dapo' use it; got loss_type "
+                         f"{loss_type!r}")
     _check_nonnegative(beta, "beta")
     eps_high = _check_clip(clip_eps, clip_eps_high)
     logp = _tensor(logp, "logp")
@@ -545,7 +608,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04, clip_eps=0.
     k3 = _reference_k3(logp, ref_logp, m, beta, stats)
     if k3 is not None and beta != 0:
         per_token = per_token + beta * k3
-    return _aggregate(per_token, m, loss_type), stats
+    return _aggregate(per_token, m, loss_type, num_tokens), stats
 
 
 def _reference_k3(logp, ref_logp, m, beta, stats):

@@ -109,6 +109,153 @@ def test_losses_on_an_all_masked_batch_are_zero_not_nan():
         assert v.item() == 0.0
 
 
+def test_masked_token_logprobs_are_token_logprobs_under_the_mask_and_zero_elsewhere():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(2, 4, 6)) * 3
+    targets = rng.integers(0, 6, size=(2, 4))
+    mask = np.array([[0, 1, 1, 0], [1, 1, 1, 1]], dtype=float)
+    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    want = np.take_along_axis(logp, targets[..., None], -1)[..., 0] * mask
+    got = losses.masked_token_logprobs(t64(logits), targets, mask)
+    assert got.shape == (2, 4)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_nan_and_inf_logits_under_the_mask_reach_neither_token_logprobs_nor_their_gradient():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(2, 3, 5))
+    mask = np.array([[1, 1, 0], [0, 1, 1]], dtype=float)
+    targets = rng.integers(0, 5, size=(2, 3))
+    dirty = logits.copy()
+    dirty[0, 2] = np.nan
+    dirty[1, 0] = [np.inf, -np.inf, np.nan, 1e308, 0]
+    results = []
+    for x in (logits, dirty):
+        leaf = t64(x, grad=True)
+        out = losses.masked_token_logprobs(leaf, np.where(mask > 0, targets, -100), mask)
+        out.sum().backward()
+        results.append((out.numpy(), leaf.grad))
+    np.testing.assert_array_equal(results[1][0], results[0][0])
+    np.testing.assert_array_equal(results[1][1], results[0][1])
+    assert (results[1][1][mask == 0] == 0).all()
+
+
+def _whiten_reference(x, mask):
+    v = x[mask > 0]
+    return np.where(mask > 0, (x - v.mean()) / (v.std(ddof=1) + 1e-8), 0.0)
+
+
+@given(arrays(np.float64, (3, 4), elements=floats(-100, 100)), arrays(np.float64, (3, 4), elements=st.sampled_from([0.0, 1.0])))
+def test_whiten_gives_masked_mean_zero_and_unbiased_std_one(x, mask):
+    v = x[mask > 0]
+    assume(v.size >= 2 and v.std() > 1e-3)
+    w = losses.whiten(x, mask).numpy()
+    assert not losses.whiten(t64(x, grad=True), mask).requires_grad
+    np.testing.assert_allclose(w, _whiten_reference(x, mask), rtol=1e-9, atol=1e-9)
+    assert (w[mask == 0] == 0).all()
+    assert w[mask > 0].mean() == pytest.approx(0, abs=1e-9)
+    assert w[mask > 0].std(ddof=1) == pytest.approx(1, rel=1e-6)
+
+
+@given(arrays(np.float64, 8, elements=floats(-10, 10)), floats(0.01, 100), floats(-100, 100))
+def test_whiten_is_invariant_to_positive_affine_maps(x, a, b):
+    """Exact for eps = 0; a positive eps moves the result by about eps/σ."""
+    mask = np.array([1, 1, 0, 1, 1, 1, 0, 1.0])
+    assume(x[mask > 0].std() > 1e-2)
+    np.testing.assert_allclose(losses.whiten(a * x + b, mask, eps=0).numpy(), losses.whiten(x, mask, eps=0).numpy(),
+                               rtol=1e-8, atol=1e-8)
+
+
+def test_whiten_ignores_what_sits_under_the_mask_and_gives_zero_for_a_constant_input():
+    rng = np.random.default_rng(4)
+    x, mask = rng.normal(size=(3, 5)), (rng.random((3, 5)) < 0.6).astype(float)
+    dirty = np.where(mask > 0, x, np.where(rng.random((3, 5)) < 0.5, np.nan, 1e300))
+    with np.errstate(all="raise"):
+        np.testing.assert_array_equal(losses.whiten(dirty, mask).numpy(), losses.whiten(x, mask).numpy())
+    np.testing.assert_array_equal(losses.whiten(np.full((2, 3), 0.1), np.ones((2, 3))).numpy(), 0)
+    np.testing.assert_array_equal(losses.whiten(np.array([3.0, np.nan]), np.array([1, 0])).numpy(), 0)
+    np.testing.assert_array_equal(losses.whiten(np.ones(3), np.zeros(3)).numpy(), 0)
+
+
+def test_whiten_of_huge_float32_values_is_finite_and_right():
+    x = np.array([1e30, -1e30, 3e30, 0], dtype=np.float32)
+    w = losses.whiten(x, np.ones(4)).numpy()
+    np.testing.assert_allclose(w, _whiten_reference(x.astype(np.float64), np.ones(4)), rtol=1e-5)
+
+
+@given(token_batch(min_len=0), st.sampled_from(["k1", "k2", "k3"]), st.integers(0, 10_000))
+def test_response_kl_is_the_masked_sum_of_the_per_token_estimator(batch, est, seed):
+    logp, mask = batch
+    ref = logp + np.random.default_rng(seed).normal(0, 0.5, size=logp.shape)
+    k = losses.kl_estimate(logp, ref, est).numpy()
+    got = losses.response_kl(logp, ref, mask, est)
+    assert got.shape == (logp.shape[0],)
+    np.testing.assert_allclose(got.numpy(), (k * mask).sum(axis=1), rtol=1e-12, atol=1e-12)
+
+
+def test_response_kl_ignores_nan_under_the_mask_and_carries_the_policy_gradient():
+    logp = t64([[-1.0, -2.0, np.nan], [-0.5, -0.5, -0.5]], grad=True)
+    ref = np.array([[-1.5, np.inf, -1.0], [-0.5, -1.0, -2.0]])
+    mask = np.array([[1, 0, 0], [1, 1, 1.0]])
+    kl = losses.response_kl(logp, ref, mask, "k1")
+    np.testing.assert_allclose(kl.numpy(), [0.5, 2.0])
+    kl.sum().backward()
+    np.testing.assert_array_equal(logp.grad, mask)
+
+
+def _micro_batches(rng, sizes, T=5, V=6):
+    """Micro-batches whose rows hold very different numbers of response tokens."""
+    out = []
+    for B in sizes:
+        mask = (np.arange(T)[None, :] < rng.integers(1, T + 1, size=(B, 1))).astype(float)
+        out.append((rng.normal(size=(B, T, V)), rng.integers(0, V, size=(B, T)), mask))
+    return out
+
+
+def test_sft_micro_batch_losses_over_the_global_token_count_sum_to_the_full_batch_loss():
+    """Gradient accumulation must normalise by the token count of the whole batch, not average
+    per-micro-batch means (huggingface/transformers#34191, the 2024 gradient-accumulation fix)."""
+    rng = np.random.default_rng(5)
+    micro = _micro_batches(rng, [1, 3, 2])
+    full = [np.concatenate(parts) for parts in zip(*micro)]
+    n = int(sum(m.sum() for _, _, m in micro))
+    value_full, (grad_full,) = grad_of(lambda x: losses.sft_loss(x, full[1], full[2]), full[0])
+    value_sum, grads = 0.0, []
+    for logits, targets, mask in micro:
+        v, (g,) = grad_of(lambda x: losses.sft_loss(x, targets, mask, num_tokens=n), logits)
+        value_sum += v
+        grads.append(g)
+    assert value_sum == pytest.approx(value_full, rel=1e-12)
+    np.testing.assert_allclose(np.concatenate(grads), grad_full, rtol=1e-10, atol=1e-14)
+    mean_of_means = np.mean([losses.sft_loss(t64(x), y, m).item() for x, y, m in micro])
+    assert mean_of_means != pytest.approx(value_full, rel=1e-3)
+
+
+@pytest.mark.parametrize("loss_type", ["bnpo", "dapo"])
+def test_grpo_token_mean_micro_batch_losses_over_the_global_token_count_sum_to_the_full_batch_loss(loss_type):
+    """As for SFT: token-mean losses accumulate over the global token count
+    (huggingface/trl#2615 and the DAPO paper's token-level loss)."""
+    rng = np.random.default_rng(6)
+    sizes, T = [2, 1, 3], 5
+    parts = []
+    for B in sizes:
+        mask = (np.arange(T)[None, :] < rng.integers(1, T + 1, size=(B, 1))).astype(float)
+        logp = -rng.uniform(0.1, 2, size=(B, T))
+        parts.append((logp, logp + rng.normal(0, 0.3, (B, T)), logp + rng.normal(0, 0.3, (B, T)),
+                      rng.normal(size=B), mask))
+    full = [np.concatenate(p) for p in zip(*parts)]
+    n = int(full[4].sum())
+
+    def loss(p, **kw):
+        return lambda x: losses.grpo_loss(x, p[1], p[2], p[3], p[4], beta=0.1, loss_type=loss_type, **kw)[0]
+    value_full, (grad_full,) = grad_of(loss(full), full[0])
+    results = [grad_of(loss(p, num_tokens=n), p[0]) for p in parts]
+    assert sum(v for v, _ in results) == pytest.approx(value_full, rel=1e-12)
+    np.testing.assert_allclose(np.concatenate([g for _, (g,) in results]), grad_full, rtol=1e-10, atol=1e-14)
+    mean_of_means = np.mean([loss(p)(t64(p[0])).item() for p in parts])
+    assert mean_of_means != pytest.approx(value_full, rel=1e-3)
+
+
 # ------------------------------------------------------------------ Bradley-Terry
 @given(vec(4), vec(4), vec(4, -2, 2))
 def test_bradley_terry_loss_is_minus_log_sigmoid_of_reward_gap_minus_margin(rc, rr, margin):
@@ -580,6 +727,8 @@ def _gradient_cases():
         "sequence_logprobs": (lambda x: losses.sequence_logprobs(x, targets, mask), [logits]),
         "sft_loss": (lambda x: losses.sft_loss(x, targets, mask), [logits]),
         "masked_mean": (lambda x: losses.masked_mean(x, mask, axis=1), [logp]),
+        "masked_token_logprobs": (lambda x: losses.masked_token_logprobs(x, targets, mask), [logits]),
+        "sft_loss_num_tokens": (lambda x: losses.sft_loss(x, targets, mask, num_tokens=17), [logits]),
         "bradley_terry_loss": (lambda a, b: losses.bradley_terry_loss(a, b, margin=0.3)[0], seq[:2]),
         "kl_exact": (lambda x: losses.kl_exact(x, ref_logits, mask), [logits]),
         "entropy": (lambda x: losses.entropy(x, mask), [logits]),
@@ -595,6 +744,7 @@ def _gradient_cases():
     }
     for est in ("k1", "k2", "k3"):
         cases[f"kl_estimate_{est}"] = (lambda x, est=est: losses.kl_estimate(x, ref, est), [logp])
+        cases[f"response_kl_{est}"] = (lambda x, est=est: losses.response_kl(x, ref, mask, est), [logp])
     for baseline in (None, "mean", "rloo"):
         cases[f"reinforce_loss_{baseline}"] = (
             lambda x, b=baseline: losses.reinforce_loss(x, rewards, mask, baseline=b, group_size=2), [logp])
@@ -663,6 +813,9 @@ PADDING_CASES = {
                                   for k in losses.GRPO_LOSS_TYPES),
     "gspo_loss": lambda d, m: losses.gspo_loss(d["logp"], d["old"], d["ref"], np.arange(3.0), m, beta=0.1)[0],
     "orpo_loss": lambda d, m: losses.orpo_loss(d["logp"], d["old"], m, m)[0],
+    "masked_token_logprobs": lambda d, m: losses.masked_token_logprobs(d["logits"], d["targets"], m).sum(),
+    "whiten": lambda d, m: losses.whiten(d["rewards"], m).sum(),
+    "response_kl": lambda d, m: sum(losses.response_kl(d["logp"], d["ref"], m, k).sum() for k in ("k1", "k2", "k3")),
 }
 
 
@@ -715,6 +868,12 @@ INVALID = [
     (lambda: losses.bradley_terry_loss(np.ones(2), np.ones(3)), "r_rejected.*shape"),
     (lambda: losses.bradley_terry_loss(np.ones(2), np.ones(2), margin=np.ones(3)), "margin.*shape"),
     (lambda: losses.sft_loss(t64(np.zeros((2, 3, 4))), np.zeros((2, 3), int), np.ones((2, 2))), "mask.*shape"),
+    (lambda: losses.sft_loss(t64(np.zeros((2, 3, 4))), np.zeros((2, 3), int), _m, num_tokens=0), "num_tokens"),
+    (lambda: losses.sft_loss(t64(np.zeros((2, 3, 4))), np.zeros((2, 3), int), _m, num_tokens=np.inf),
+     "num_tokens.*positive finite"),
+    (lambda: losses.grpo_loss(_lp, _lp.data, _lp.data, np.ones(2), _m, num_tokens=6), "num_tokens.*'bnpo'"),
+    (lambda: losses.whiten(np.ones(3), np.ones(4)), "mask.*shape"),
+    (lambda: losses.response_kl(_lp, _lp.data, _m, "k5"), "estimator"),
 ]
 
 
