@@ -96,18 +96,19 @@ def _seed(text):
 
 def run_stage_command(args):
     """``minirlhf <stage>``: settings from defaults, --quick, --config and flags; the run; its eval.json."""
-    from .tasks.environment import AdditionEnvironment
+    from .tasks.environment import AdditionEnvironment, TaskConfig
     from .train.config import read_json
-    from .train.stages import STAGES, Inputs, load_inputs, prepare_out, run_stage, stage_settings
+    from .train.stages import STAGES, Inputs, load_inputs, prepare_out, read_run, run_stage, stage_settings
     stage = STAGES[args.command]
     reads = {r: getattr(args, r) for r in stage.reads}
     file_values = read_json(args.config, "--config") if args.config else None
     flags = {f.name: getattr(args, f.name) for cls in stage.configs for f in dataclasses.fields(cls)}
     if stage.reads:
-        inputs = load_inputs(args.sft, reads.get("rm"))
-        inherited = {"seed": inputs.seed, "max_new_tokens": inputs.env.max_new_tokens}
+        sft_run = read_run(args.sft, "sft")
+        env = AdditionEnvironment(TaskConfig(**sft_run["settings"]["TaskConfig"]), sft_run["seed"])
+        inherited = {"seed": sft_run["seed"], "max_new_tokens": env.max_new_tokens}
         configs = stage_settings(stage, args.quick, file_values, flags, inherited)
-        inputs.seed = configs[0].seed
+        inputs = load_inputs(env, configs[0].seed, args.sft, reads.get("rm"))
     else:
         configs = stage_settings(stage, args.quick, file_values, flags)
         inputs = Inputs(AdditionEnvironment(configs[1], configs[0].seed), configs[0].seed)

@@ -72,7 +72,9 @@ def test_a_json_config_is_read_and_flags_win(sft_dir, tmp_path):
 
 @pytest.mark.parametrize("argv, named", [
     (["grpo", "--group-size", "1"], "group_size"),
-    (["grpo", "--beta", "0"], "beta"),
+    (["grpo", "--beta", "-1"], "beta"),
+    (["grpo", "--lr", "inf"], "lr"),
+    (["dpo", "--label-smoothing", "0.1"], "label_smoothing"),
     (["grpo", "--clip-eps", "1.5"], "clip_eps"),
     (["ppo", "--clip-eps", "0", "--rm", "nowhere"], "clip_eps"),
     (["dpo", "--beta", "-0.1"], "beta"),
@@ -101,3 +103,135 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path, capsys):
 def test_a_missing_sft_folder_is_explained(tmp_path, capsys):
     assert main(["grpo", "--sft", str(tmp_path / "none"), "--out", str(tmp_path / "g")]) == 2
     assert "minirlhf sft" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- help and settings
+def help_defaults(stage):
+    """{setting: the default its --help line states}, from the help text of each setting's flag."""
+    from minirlhf.cli import build_parser
+    from minirlhf.train.stages import STAGES
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[stage]
+    settings = {f.name for cls in STAGES[stage].configs for f in __import__("dataclasses").fields(cls)}
+    stated = {}
+    for action in sub._actions:
+        if action.dest in settings:
+            stated[action.dest] = action.help.rsplit("; default", 1)[1].lstrip(": ").strip()
+    return stated
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo", "dpo", "rm"])
+def test_help_states_the_value_a_run_without_flags_uses(sft_dir, tmp_path, stage):
+    """Every setting's --help default is what run.json records for a run given only --steps 1 (and the
+    size flags a test needs), so the help never promises another value than the run uses."""
+    import ast
+    out = str(tmp_path / stage)
+    given = {"steps": "1"} if stage != "rm" else {"steps": "1", "pair_prompts": "4", "pair_heldout_prompts": "4"}
+    argv = [stage, "--sft", sft_dir, "--out", out, "--no-progress"]
+    for k, v in given.items():
+        argv += ["--" + k.replace("_", "-"), v]
+    assert main(argv) == 0
+    with open(os.path.join(out, "run.json")) as f:
+        run = json.load(f)
+    used = {k: v for settings in run["settings"].values() for k, v in settings.items()}
+    with open(os.path.join(sft_dir, "run.json")) as f:
+        sft_run = json.load(f)
+    stated = help_defaults(stage)
+    assert set(stated) == set(used)
+    for name, text in stated.items():
+        if name in given:
+            continue
+        if name == "seed":
+            assert text == "the --sft run's seed" and used[name] == sft_run["seed"]
+        elif name == "max_new_tokens":
+            assert text.startswith("the task's answer length") and used[name] == 2 + 3
+        else:
+            assert ast.literal_eval(text) == used[name], name
+
+
+def test_sft_help_states_the_defaults_of_a_plain_run():
+    import ast
+    from minirlhf.train.stages import STAGES
+    configs = STAGES["sft"].configs
+    defaults = {f.name: f.default for cls in configs for f in __import__("dataclasses").fields(cls)}
+    assert {k: ast.literal_eval(v) for k, v in help_defaults("sft").items()} == defaults
+
+
+# ------------------------------------------------------------ output folders
+def test_a_stage_refuses_an_out_that_holds_another_run(sft_dir, tmp_path, capsys):
+    out = str(tmp_path / "g")
+    base = ["grpo", "--sft", sft_dir, "--out", out, "--steps", "1", "--prompts-per-step", "2", "--group-size", "2",
+            "--no-progress"]
+    assert main(base) == 0
+    before = os.path.getmtime(os.path.join(out, "model", "model.safetensors"))
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "holds a grpo run" in err and "--resume" in err and "--overwrite" in err
+    assert os.path.getmtime(os.path.join(out, "model", "model.safetensors")) == before
+    assert main(["rloo", "--sft", sft_dir, "--out", out, "--steps", "1", "--resume", "--no-progress"]) == 2
+    assert "holds a grpo run, not a rloo run" in capsys.readouterr().err
+    assert main(base + ["--overwrite"]) == 0
+
+
+def test_a_stage_never_writes_into_the_folder_it_reads(sft_dir, capsys):
+    with open(os.path.join(sft_dir, "run.json")) as f:
+        before = f.read()
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        assert main(["grpo", "--sft", sft_dir, "--out", sft_dir, "--steps", "1", "--no-progress", *extra]) == 2
+        assert "the --sft folder this stage reads" in capsys.readouterr().err
+    with open(os.path.join(sft_dir, "run.json")) as f:
+        assert f.read() == before
+
+
+def test_an_out_holding_other_files_or_naming_a_file_is_refused(sft_dir, tmp_path, capsys):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    assert main(["grpo", "--sft", sft_dir, "--out", str(tmp_path / "notes"), "--steps", "1", "--no-progress"]) == 2
+    assert "not a minirlhf run" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["grpo", "--sft", sft_dir, "--out", str(tmp_path / "file"), "--steps", "1", "--no-progress"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("content, named", [
+    ("[1, 2]", "must hold a JSON object"), ("{not json", "not valid JSON"), (None, "is a folder"),
+])
+def test_a_bad_config_file_is_named(sft_dir, tmp_path, capsys, content, named):
+    path = tmp_path / "c.json"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_text(content)
+    assert main(["grpo", "--sft", sft_dir, "--out", str(tmp_path / "g"), "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "c.json" in err
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda d: open(os.path.join(d, "run.json"), "w").close(), "run.json"),
+    (lambda d: open(os.path.join(d, "run.json"), "w").write("[1]"), "run.json"),
+    (lambda d: open(os.path.join(d, "model", "config.json"), "w").write("[1]"), "config.json"),
+    (lambda d: os.remove(os.path.join(d, "model", "model.safetensors")), "model.safetensors"),
+])
+def test_a_damaged_sft_folder_is_explained_without_a_traceback(sft_dir, tmp_path, capsys, damage, named):
+    import shutil
+    copy = str(tmp_path / "sft")
+    shutil.copytree(sft_dir, copy)
+    damage(copy)
+    assert main(["grpo", "--sft", copy, "--out", str(tmp_path / "g"), "--steps", "1", "--no-progress"]) == 2
+    assert named in capsys.readouterr().err
+
+
+def test_a_negative_seed_is_refused_by_name(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--seed", "-1", "--out", str(tmp_path / "d")])
+    assert "non-negative integer" in capsys.readouterr().err
+    assert main(["sft", "--quick", "--out", str(tmp_path / "s"), "--seed", "-1", "--steps", "1"]) == 2
+    assert "seed must be a non-negative integer" in capsys.readouterr().err
+
+
+def test_the_demo_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("x")
+    assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--no-progress"]) == 2
+    assert "--overwrite" in capsys.readouterr().err

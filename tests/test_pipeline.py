@@ -6,7 +6,7 @@ import os
 import pytest
 
 from minirlhf.cli import main
-from minirlhf.train.pipeline import POLICY_STAGES, format_table, run_demo, save_plot
+from minirlhf.train.demo import POLICY_STAGES, format_table, run_demo, save_plot
 
 POLICY_METRICS = {"accuracy", "greedy_accuracy", "gold_reward", "kl_to_sft"}
 
@@ -78,9 +78,9 @@ def test_table_flags_a_stage_whose_greedy_accuracy_falls_below_sfts():
 
 
 def test_plot_is_saved_or_the_message_says_how_to_get_matplotlib(tmp_path):
-    history = {name: [{"step": 1, "reward": 0.1, "kl": 0.0}, {"step": 2, "reward": 0.2, "kl": 0.1}]
+    history = {name: [{"step": 1, "reward": 0.1, "objective/kl": 0.0}, {"step": 2, "reward": 0.2, "objective/kl": 0.1}]
                for name in ("ppo", "grpo", "rloo")}
-    history["dpo"] = [{"step": 1, "reward_margin": 0.0}]
+    history["dpo"] = [{"step": 1, "rewards/margins": 0.0}]
     message = save_plot(history, str(tmp_path / "plot.png"))
     try:
         import matplotlib  # noqa: F401

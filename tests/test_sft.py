@@ -7,7 +7,8 @@ import minirlhf
 from minirlhf import no_grad
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.sampling import generate
-from minirlhf.train.sft import SFTConfig, sft_batch, sft_loss, train_sft
+from minirlhf.losses import sft_loss
+from minirlhf.train.sft import SFTConfig, sft_batch, train_sft
 
 CFG = GPTConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=64, block_size=32)
 
@@ -39,7 +40,7 @@ def test_sft_loss_is_mean_negative_logprob_of_response_tokens(rng):
     ids, targets, loss_mask = sft_batch([([10, 11, 12], [20, 21]), ([13], [22, 23, 24])])
     with no_grad():
         logits = model(ids).data
-        loss = sft_loss(model, ids, targets, loss_mask).item()
+        loss = sft_loss(model(ids), targets, loss_mask).item()
     z = logits - logits.max(-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
     picked = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
@@ -52,9 +53,9 @@ def test_prompt_targets_do_not_count():
     other = targets.copy()
     other[0, :2] = [40, 41]  # positions whose targets are prompt tokens
     with no_grad():
-        assert sft_loss(model, ids, targets, loss_mask).item() == sft_loss(model, ids, other, loss_mask).item()
+        assert sft_loss(model(ids), targets, loss_mask).item() == sft_loss(model(ids), other, loss_mask).item()
         other[0, 2] = 42  # a response target does count
-        assert sft_loss(model, ids, targets, loss_mask).item() != sft_loss(model, ids, other, loss_mask).item()
+        assert sft_loss(model(ids), targets, loss_mask).item() != sft_loss(model(ids), other, loss_mask).item()
 
 
 def test_sft_learns_to_answer_each_prompt():
@@ -69,8 +70,8 @@ def test_sft_learns_to_answer_each_prompt():
 
 
 def test_learning_rate_warms_up_then_decays():
-    config = SFTConfig(lr=1e-3, steps=20, batch_size=4, warmup=5)
-    lrs = [m["lr"] for m in train_sft(fresh(), reverse_task(8), config)]
+    config = SFTConfig(lr=1e-3, steps=20, batch_size=4, warmup=5, min_lr=0.0)
+    lrs = [m["learning_rate"] for m in train_sft(fresh(), reverse_task(8), config, progress=False)]
     assert lrs[:5] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3])
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 1e-4
 
@@ -103,7 +104,7 @@ def test_metrics_are_appended_to_a_jsonl_file(tmp_path):
     train_sft(fresh(), reverse_task(8), config, log=tmp_path / "m.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert {"loss", "lr", "grad_norm"} <= rows[0].keys()
+    assert {"loss", "learning_rate", "grad_norm", "num_tokens"} <= rows[0].keys()
 
 
 def test_a_resumed_run_logs_each_step_once_and_the_log_folder_is_made(tmp_path):
@@ -137,7 +138,11 @@ def test_final_checkpoint_loads_as_a_model(tmp_path, rng):
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(lr=0.0), "lr must be > 0"),
+    (dict(lr=0.0), "lr must be a finite number > 0"),
+    (dict(lr=float("inf")), "lr must be"),
+    (dict(weight_decay=float("nan")), "weight_decay"),
+    (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(clip=float("nan")), "clip"),
     (dict(steps=0), "steps"),
     (dict(batch_size=-1), "batch_size"),
     (dict(grad_accum=1.5), "grad_accum"),
@@ -158,3 +163,21 @@ def test_bad_examples_are_clear_errors(tmp_path):
         train_sft(fresh(), [([1] * 30, [2] * 10)], config)
     with pytest.raises(ValueError, match="out_dir"):
         train_sft(fresh(), reverse_task(4), config, resume=True)
+
+
+def test_accumulated_micro_batches_weigh_every_token_of_the_step_alike():
+    """Micro-batches of different token counts are summed over the step's token count, so the step's loss
+    (and so its gradient) is that of one batch of all their tokens; averaging per-micro-batch means is not
+    (the gradient-accumulation bug transformers fixed in 2024, huggingface/transformers#34191)."""
+    examples = [([3, 1], [4, 2]), ([5, 6, 7, 1], [8, 9, 10, 11, 12, 2])]  # 2 and 6 response tokens
+    model = fresh()
+    ids, targets, mask = sft_batch(examples)
+    with no_grad():
+        whole = sft_loss(model(ids), targets, mask).item()
+        mean_of_means = np.mean([sft_loss(model(ids[r:r + 1]), targets[r:r + 1], mask[r:r + 1]).item()
+                                 for r in range(2)])
+    config = SFTConfig(lr=1e-2, steps=1, batch_size=1, grad_accum=2, warmup=0)
+    history = train_sft(model, examples, config, progress=False)
+    assert history[0]["num_tokens"] == 8
+    assert history[0]["loss"] == pytest.approx(whole, rel=1e-5)
+    assert abs(history[0]["loss"] - mean_of_means) > 0.01

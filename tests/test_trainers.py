@@ -6,9 +6,10 @@ import pytest
 
 import minirlhf
 from minirlhf.model import GPT, GPTConfig, RewardModel
-from minirlhf.sampling import generate
 from minirlhf.tensor import Tensor, no_grad
-from minirlhf.train.common import (MetricsLog, load_config, response_logprobs, rollout, sequence_logprobs)
+from minirlhf.rollout import response_logprobs, sample, sequence_logprobs
+from minirlhf.train.config import load_config
+from minirlhf.train.run import MetricsLog
 from minirlhf.train.dpo import DPOConfig, reference_logprobs, train_dpo
 from minirlhf.train.grpo import GRPOConfig, train_grpo
 from minirlhf.train.ppo import PPOConfig, train_ppo, with_value_head
@@ -31,7 +32,7 @@ def first_token_is_good(index, responses):
 
 
 def good_rate(model, n=64):
-    batch = rollout(model, PROMPTS, np.arange(len(PROMPTS)), n // len(PROMPTS), 1.0, 3, EOS, PAD, seed=123)
+    batch = sample(model, PROMPTS, np.arange(len(PROMPTS)), n // len(PROMPTS), 1.0, 3, EOS, PAD, seed=123)
     return np.mean(first_token_is_good(batch.index, batch.responses()))
 
 
@@ -52,15 +53,18 @@ class FirstTokenRewardModel:
 
 
 # ---------------------------------------------------------------- log-probs
-def test_response_logprobs_match_the_samplers_logprobs():
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_response_logprobs_match_the_samplers_logprobs(temperature):
+    """The trainer's full-forward log-probs equal what the sampler (KV cache) reported, at the sampling
+    temperature too (TRL #2681 and verl's temperature fixes: forgetting to divide the training logits by
+    the temperature makes π/π_old far from 1 at the very first step)."""
     model = tiny_gpt()
-    out = generate(model, PROMPTS, 4, temperature=1.0, eos_id=EOS, pad_id=PAD, seed=1)
+    batch = sample(model, PROMPTS, np.arange(len(PROMPTS)), 1, temperature, 4, EOS, PAD, seed=1)
     with no_grad():
-        logp = response_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask).data
-    np.testing.assert_allclose(logp, out.logprobs * out.mask, atol=1e-5)
-    with no_grad():
-        seq = sequence_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask).data
-    np.testing.assert_allclose(seq, (out.logprobs * out.mask).sum(axis=1), atol=1e-4)
+        logp = response_logprobs(model, batch).data
+        seq = sequence_logprobs(model, batch).data
+    np.testing.assert_allclose(logp, batch.logprobs * batch.mask, atol=1e-5)
+    np.testing.assert_allclose(seq, (batch.logprobs * batch.mask).sum(axis=1), atol=1e-4)
 
 
 # ----------------------------------------------------------------- learning
@@ -86,7 +90,8 @@ def test_ppo_raises_the_reward_models_score():
     reference = tiny_gpt()
     policy = with_value_head(reference)
     before = good_rate(policy)
-    cfg = PPOConfig(steps=12, lr=1e-2, prompts_per_step=len(prompts), epochs=2, minibatches=1, max_new_tokens=3)
+    cfg = PPOConfig(steps=12, lr=1e-2, prompts_per_step=len(prompts), epochs=2, minibatches=1, max_new_tokens=3,
+                    beta=0.05)
     history = train_ppo(policy, reference, FirstTokenRewardModel(3), prompts, cfg, EOS, PAD, progress=False)
     assert history[-1]["reward"] > history[0]["reward"]
     assert good_rate(policy) > before + 0.3
@@ -142,8 +147,8 @@ def test_dpo_starts_at_log_two_and_raises_the_chosen_over_the_rejected():
     history = train_dpo(policy, reference, pairs, DPOConfig(steps=20, lr=1e-2, batch_size=16, beta=0.5), PAD,
                         progress=False)
     assert history[0]["loss"] == pytest.approx(np.log(2), abs=1e-5)  # π = π_ref at the first step
-    assert history[0]["reward_margin"] == pytest.approx(0.0, abs=1e-5)
-    assert history[-1]["reward_margin"] > 0.5 and history[-1]["reward_accuracy"] == 1.0
+    assert history[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert history[-1]["rewards/margins"] > 0.5 and history[-1]["rewards/accuracies"] == 1.0
     assert good_rate(policy) > good_rate(reference) + 0.3
 
 
@@ -235,16 +240,40 @@ def test_a_checkpoint_of_another_architecture_is_refused_naming_the_setting(tmp_
 
 # --------------------------------------------------------------- bad input
 @pytest.mark.parametrize("cls, setting, value", [
-    (GRPOConfig, "group_size", 1), (GRPOConfig, "beta", 0.0), (GRPOConfig, "beta", -0.1),
+    (GRPOConfig, "group_size", 1), (GRPOConfig, "beta", -0.1), (GRPOConfig, "beta", float("inf")),
     (GRPOConfig, "clip_eps", 0.0), (GRPOConfig, "clip_eps", 1.0), (GRPOConfig, "loss_type", "nope"),
-    (PPOConfig, "clip_eps", 1.5), (PPOConfig, "beta", 0.0), (PPOConfig, "lam", 1.2), (PPOConfig, "epochs", 0),
+    (GRPOConfig, "clip_eps_high", -0.2), (GRPOConfig, "scale", "rows"),
+    (PPOConfig, "clip_eps", 1.5), (PPOConfig, "beta", -1.0), (PPOConfig, "lam", 1.2), (PPOConfig, "epochs", 0),
     (DPOConfig, "beta", 0.0), (DPOConfig, "beta", -1.0), (DPOConfig, "loss_type", "x"),
-    (RLOOConfig, "group_size", 1), (RLOOConfig, "beta", 0.0), (RewardConfig, "batch_size", 0),
-    (RewardConfig, "lr", 0.0), (GRPOConfig, "steps", 2.5),
+    (RLOOConfig, "group_size", 1), (RLOOConfig, "beta", -0.5), (RewardConfig, "batch_size", 0),
+    (RewardConfig, "lr", 0.0), (GRPOConfig, "steps", 2.5), (GRPOConfig, "lr", float("inf")),
+    (GRPOConfig, "clip", float("nan")), (GRPOConfig, "weight_decay", float("nan")),
+    (GRPOConfig, "weight_decay", -0.1), (RewardConfig, "min_lr", 1.0),
 ])
 def test_bad_settings_raise_an_error_naming_the_setting(cls, setting, value):
-    with pytest.raises(ValueError, match=f"{cls.__name__}: {setting} must be"):
+    with pytest.raises(ValueError, match=f"{cls.__name__}: {setting}:? (must|unknown value)"):
         cls(**{setting: value})
+
+
+@pytest.mark.parametrize("cls, settings", [
+    (DPOConfig, {"label_smoothing": 0.1}),               # the sigmoid loss takes no smoothing
+    (DPOConfig, {"loss_type": "robust", "label_smoothing": 0.5}),
+    (GRPOConfig, {"clip_eps_high": 0.0}),
+])
+def test_a_config_refuses_what_its_loss_refuses_before_any_work(cls, settings):
+    with pytest.raises(ValueError, match=cls.__name__):
+        cls(**settings)
+
+
+@pytest.mark.parametrize("cls, settings", [
+    (GRPOConfig, {"beta": 0.0}),                          # Dr. GRPO and DAPO train without a KL term
+    (GRPOConfig, {"loss_type": "dapo", "clip_eps_high": 0.28}),
+    (DPOConfig, {"loss_type": "robust", "label_smoothing": 0.1}),
+    (PPOConfig, {"beta": 0.0}), (RLOOConfig, {"beta": 0.0}),
+])
+def test_a_config_accepts_what_its_loss_accepts(cls, settings):
+    config = cls(**settings)
+    assert all(getattr(config, k) == v for k, v in settings.items())
 
 
 def test_config_loads_from_json_with_flags_on_top_and_refuses_unknown_keys(tmp_path):

@@ -1,10 +1,10 @@
 """What a training run is made of besides its algorithm: the optimizer and its schedule, exact
 resume from a checkpoint, the metrics log, the progress line.
 
-Every draw of a step (its prompts, its samples, its batch) is keyed by (seed, step), never by
-how many draws came before, so a run resumed from the checkpoint of step k redoes steps k+1...
-exactly as an uninterrupted run would have: the checkpoint needs only the weights, AdamW's
-buffers and the step.
+Every draw of an RL or preference step (its prompts, its samples, its batch) is keyed by
+(seed, step), never by how many draws came before, so a run resumed from the checkpoint of step k
+redoes steps k+1... exactly as an uninterrupted run would have: the checkpoint needs only the
+weights, AdamW's buffers and the step (SFT draws from one seeded stream and carries its state).
 """
 import dataclasses
 import json
@@ -20,7 +20,7 @@ from ..rollout import sample
 
 
 # what each keyed draw is for: the third word of its key (pairs use the bare (seed, step))
-PAIRS, MINIBATCHES, EXAMPLES, PROMPTS, SAMPLES = None, 1, 2, 104729, 15485863
+PAIRS, MINIBATCHES, PROMPTS, SAMPLES = None, 1, 104729, 15485863
 
 
 def step_rng(seed, step, purpose):

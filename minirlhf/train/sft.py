@@ -5,7 +5,7 @@
 Only response tokens are predicted: the prompt is context, not a target (the first step of the
 InstructGPT recipe, Ouyang et al. 2022). For each step:
 
-    1. draw ``grad_accum`` micro-batches of ``batch_size`` examples (keyed by seed and step)
+    1. draw ``grad_accum × batch_size`` distinct examples from the seeded stream, split into micro-batches
     2. for each: logits of [prompt ⧺ response], loss = Σ −log π over its response tokens divided by the
        response tokens of the whole step (losses.sft_loss with num_tokens), backward
     3. clip the global gradient norm, an AdamW step, the next learning rate (warmup + cosine)
@@ -16,11 +16,13 @@ short micro-batch's tokens more; ``transformers`` fixed that bug in its trainers
 """
 from dataclasses import dataclass
 
+import numpy as np
+
 from .. import losses
 from ..padding import pad_prompt_response
 from ..validation import is_positive_int, require
 from .config import TrainConfig
-from .run import EXAMPLES, Run, step_rng
+from .run import Run
 
 
 @dataclass
@@ -47,7 +49,7 @@ def sft_batch(examples, pad_id=0):
     return ids[:, :-1], ids[:, 1:], is_response[:, 1:]
 
 
-def train_sft(model, examples, config, pad_id, out_dir=None, resume=False, log=None, progress=True):
+def train_sft(model, examples, config, pad_id=0, out_dir=None, resume=False, log=None, progress=True):
     """Fine-tune ``model`` on ``examples`` (a list of (prompt_ids, response_ids)); returns per-step metrics.
 
     ``out_dir``: checkpoints go to ``out_dir/checkpoint`` every ``checkpoint_every`` steps and at the
@@ -56,14 +58,17 @@ def train_sft(model, examples, config, pad_id, out_dir=None, resume=False, log=N
     """
     _check_examples(examples, model.config.block_size)
     run = Run("sft", model, config, out_dir, resume, log, progress)
+    data_rng = np.random.default_rng(config.seed)  # a stream of draws, its state carried in the checkpoint
+    if "data_rng" in run.extra:
+        data_rng.bit_generator.state = run.extra["data_rng"]
     xp = model.wte.weight.xp
     model.train()
     for step in run.steps():
         lr = run.lr
-        rng = step_rng(config.seed, step, EXAMPLES)
-        batches = [sft_batch([examples[i] for i in rng.choice(len(examples), min(config.batch_size, len(examples)),
-                                                              replace=False)], pad_id)
-                   for _ in range(config.grad_accum)]
+        picked = data_rng.choice(len(examples), min(config.batch_size * config.grad_accum, len(examples)),
+                                 replace=False)
+        batches = [sft_batch([examples[i] for i in rows], pad_id) for rows in np.array_split(picked, config.grad_accum)
+                   if len(rows)]
         num_tokens = sum(float(mask.sum()) for _, _, mask in batches)
         loss_sum = 0.0
         for ids, targets, mask in batches:
@@ -71,8 +76,8 @@ def train_sft(model, examples, config, pad_id, out_dir=None, resume=False, log=N
             loss.backward()
             loss_sum += float(loss.item())
         grad_norm = run.optimizer_step()
-        run.end_step(step, {"loss": loss_sum, "learning_rate": lr, "grad_norm": grad_norm,
-                            "num_tokens": num_tokens}, shown=("loss",))
+        run.end_step(step, {"loss": loss_sum, "learning_rate": lr, "grad_norm": grad_norm, "num_tokens": num_tokens},
+                     shown=("loss",), extra={"data_rng": data_rng.bit_generator.state})
     return run.history
 
 

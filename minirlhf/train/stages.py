@@ -229,11 +229,9 @@ def run_stage(stage, out_dir, inputs, configs, resume=False, progress=True, read
     return model, history, metrics
 
 
-def load_inputs(sft_dir, rm_dir=None):
-    """The environment, seed and models of finished runs, for a stage that starts from them."""
-    run = read_run(sft_dir, "sft")
-    task = TaskConfig(**run["settings"]["TaskConfig"])
-    inputs = Inputs(AdditionEnvironment(task, run["seed"]), run["seed"])
+def load_inputs(env, seed, sft_dir, rm_dir=None):
+    """The models of finished runs (the SFT policy, and the reward model when given) as a stage's inputs."""
+    inputs = Inputs(env, seed)
     inputs.sft = GPT.load(os.path.join(sft_dir, "model"))
     if rm_dir is not None:
         read_run(rm_dir, "rm")
