@@ -120,7 +120,7 @@ def run_stage_command(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    backend.keep_freed_memory()
+    backend.keep_freed_memory()  # NumPy steps reuse big temporaries: half the reward model's step time (see backend)
     try:
         if args.command == "demo":
             from .train.demo import run_demo

@@ -103,5 +103,21 @@ def test_every_logged_metric_has_one_documented_meaning_in_the_readme():
     from minirlhf.train.metrics import METRICS
     readme = open(os.path.join(ROOT, "..", "README.md")).read()
     table = readme[readme.index("## Metrics"):]
+    table = table[:table.index("\n## ", 3)]
     listed = re.findall(r"^\| `([^`]+)` \|", table, flags=re.M)
     assert sorted(listed) == sorted(METRICS)
+
+
+def test_every_function_and_test_the_readme_map_names_exists():
+    readme = open(os.path.join(ROOT, "..", "README.md")).read()
+    section = readme[readme.index("## A map"):readme.index("## The RLHF pipeline")]
+    code = re.findall(r"`(minirlhf/[\w/]+\.py):([\w.]+)`", section)
+    tests = re.findall(r"`(tests/\w+\.py)::(\w+)`", section)
+    assert len(code) > 20 and len(tests) > 20
+    base = os.path.join(ROOT, "..")
+    for path, name in code:
+        source = open(os.path.join(base, path)).read()
+        for part in name.split("."):
+            assert re.search(rf"^\s*(def|class) {part}\b|^{part} = ", source, flags=re.M), f"{path}:{name}"
+    for path, name in tests:
+        assert re.search(rf"^def {name}\(", open(os.path.join(base, path)).read(), flags=re.M), f"{path}::{name}"

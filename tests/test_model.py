@@ -141,6 +141,17 @@ def test_value_head_gives_one_value_per_token(rng):
     assert np.abs(model.value_head.weight.grad).sum() > 0
 
 
+def test_value_gradient_stops_at_the_trunk(rng):
+    """The critic's regression of noisy returns must not move the shared trunk (GPT.values reads h detached)."""
+    model = tiny(value_head=True)
+    ids, mask = left_padded(rng)
+    _, values = model(ids, mask, return_values=True)
+    (values * mask).sum().backward()
+    assert np.abs(model.value_head.weight.grad).sum() > 0
+    assert all(p.grad is None or not np.abs(p.grad).any() for n, p in model.named_parameters()
+               if not n.startswith("value_head."))
+
+
 def test_return_values_without_value_head_is_an_error(rng):
     with pytest.raises(ValueError, match="value_head=True"):
         tiny()(rng.integers(0, 64, (1, 4)), return_values=True)

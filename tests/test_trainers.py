@@ -302,3 +302,28 @@ def test_an_empty_dataset_is_refused(name):
             train_reward_model(RewardModel.from_gpt(tiny_gpt()), [], RewardConfig(), PAD)
         else:
             train_ppo(with_value_head(tiny_gpt()), tiny_gpt(), FirstTokenRewardModel(3), [], PPOConfig(), EOS, PAD)
+
+
+def test_every_metric_a_trainer_logs_has_one_documented_meaning():
+    """One name, one quantity: every key any trainer logs is in METRICS (the README's table), and the KL
+    metrics start at 0 when the policy is the reference."""
+    from minirlhf.train.metrics import METRICS
+    logged = {}
+    kwargs = dict(progress=False)
+    logged["grpo"] = train_grpo(tiny_gpt(), tiny_gpt(), PROMPTS, first_token_is_good,
+                                GRPOConfig(steps=1, prompts_per_step=2, group_size=2, max_new_tokens=3), EOS, PAD,
+                                **kwargs)
+    logged["rloo"] = train_rloo(tiny_gpt(), tiny_gpt(), PROMPTS, first_token_is_good,
+                                RLOOConfig(steps=1, prompts_per_step=2, group_size=2, max_new_tokens=3), EOS, PAD,
+                                **kwargs)
+    logged["ppo"] = train_ppo(with_value_head(tiny_gpt()), tiny_gpt(), FirstTokenRewardModel(3), [PROMPTS[0]] * 2,
+                              PPOConfig(steps=1, prompts_per_step=2, epochs=1, minibatches=1, max_new_tokens=3),
+                              EOS, PAD, **kwargs)
+    logged["dpo"] = train_dpo(tiny_gpt(), tiny_gpt(), toy_pairs(4), DPOConfig(steps=1, batch_size=4), PAD, **kwargs)
+    logged["rm"] = train_reward_model(RewardModel.from_gpt(tiny_gpt()), toy_pairs(4),
+                                      RewardConfig(steps=1, batch_size=4), PAD, **kwargs)
+    for name, history in logged.items():
+        assert set(history[0]) <= set(METRICS), (name, set(history[0]) - set(METRICS))
+    for name in ("grpo", "rloo", "ppo"):
+        assert logged[name][0]["objective/kl"] == pytest.approx(0.0, abs=1e-6), name
+    assert logged["grpo"][0]["kl"] == pytest.approx(0.0, abs=1e-6)
