@@ -12,6 +12,7 @@ Each step turns the last position's logits ℓ (B, V) into a token:
 Rows stop independently at ``eos_id``: after a row's eos it receives ``pad_id`` with
 mask 0, and the loop ends once every row is done.
 """
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -152,14 +153,20 @@ def _prompt_batch(prompt_ids, attention_mask, pad_id):
     mask = getattr(attention_mask, "data", attention_mask)
     if tuple(mask.shape) != ids.shape:
         raise ValueError(f"generate: attention_mask has shape {tuple(mask.shape)}, prompt_ids {ids.shape}")
+    real = backend.to_numpy(mask) != 0
+    if not real.any(axis=1).all():
+        raise ValueError("generate: every prompt needs at least one real token (a 1 in attention_mask)")
+    if (np.diff(real.astype(np.int8), axis=1) < 0).any():
+        raise ValueError("generate: prompts must be left-padded (each row's real tokens last, pads first): a "
+                         "right-padded row would be continued after its pads")
     return ids, mask
 
 
 def _check_args(max_new_tokens, temperature, top_k, top_p):
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"generate: temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not (isinstance(temperature, (int, float, np.floating)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"generate: temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
         raise ValueError(f"generate: top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:

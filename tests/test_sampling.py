@@ -151,6 +151,23 @@ def test_errors_name_the_argument(model):
         generate(model, PROMPTS, 3, pad_id=-100)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate(model, [[1], []], 3)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a finite number"):
+            generate(model, PROMPTS, 3, temperature=bad)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, PROMPTS, 3, top_p=float("nan"))
+
+
+def test_a_right_padded_prompt_batch_is_refused():
+    """Right padding would have a row continue after its pads (the sampler appends at the last column)."""
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=12, block_size=16))
+    ids = np.array([[1, 2, 3], [4, 5, 0]])
+    with pytest.raises(ValueError, match="left-padded"):
+        generate(model, ids, 2, attention_mask=np.array([[1, 1, 1], [1, 1, 0]]))
+    with pytest.raises(ValueError, match="at least one real token"):
+        generate(model, ids, 2, attention_mask=np.array([[1, 1, 1], [0, 0, 0]]))
+    out = generate(model, np.array([[1, 2, 3], [0, 4, 5]]), 2, attention_mask=np.array([[1, 1, 1], [0, 1, 1]]))
+    assert out.tokens.shape == (2, 2)
 
 
 def test_generate_on_device_matches_numpy(model, device):

@@ -327,3 +327,17 @@ def test_every_metric_a_trainer_logs_has_one_documented_meaning():
     for name in ("grpo", "rloo", "ppo"):
         assert logged[name][0]["objective/kl"] == pytest.approx(0.0, abs=1e-6), name
     assert logged["grpo"][0]["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_a_grpo_step_whose_groups_all_score_alike_moves_only_through_the_kl_term(beta):
+    """All-equal rewards give A = 0 (TRL's frac_reward_zero_std = 1): the surrogate contributes nothing, and at
+    the first step π = π_ref, so the k3 term's gradient is 0 too; the policy must not move at all."""
+    policy, reference = tiny_gpt(), tiny_gpt()
+    before = {n: p.data.copy() for n, p in policy.named_parameters()}
+    cfg = GRPOConfig(steps=1, lr=1e-2, prompts_per_step=4, group_size=4, max_new_tokens=3, beta=beta)
+    history = train_grpo(policy, reference, PROMPTS, lambda index, responses: [1.0] * len(responses), cfg, EOS, PAD,
+                         progress=False)
+    assert history[0]["frac_reward_zero_std"] == 1.0 and history[0]["grad_norm"] == pytest.approx(0.0, abs=1e-7)
+    for n, p in policy.named_parameters():
+        np.testing.assert_array_equal(p.data, before[n], err_msg=n)
