@@ -1,5 +1,37 @@
 """Every RLHF loss, one function each, with its formula and paper in the docstring.
 
+The equations, in the order of this file. m_t is the response mask, log r_t = log π(y_t) −
+log π_ref(y_t), ρ_t = π(y_t)/π_old(y_t), σ the logistic function, A an advantage:
+
+  masked_token_logprobs  m_t · log π(y_t | x, y_<t)
+  sequence_logprobs      log π(y|x) = Σ_t m_t log π(y_t | x, y_<t)
+  masked_mean            Σ m x / Σ m
+  whiten                 (x − μ) / (σ + eps) over the masked-in entries
+  sft_loss               −Σ m log π(y_t) / Σ m                          InstructGPT (Ouyang et al. 2022), §3.5
+  bradley_terry_loss     −log σ(r_w − r_l − margin)                     Ouyang et al. 2022, eq. 1
+  kl_exact               Σ_v π(v) log(π(v)/π_ref(v))
+  kl_estimate            k1 = log r,  k2 = ½ (log r)²,  k3 = 1/r − 1 + log r    Schulman 2020
+  response_kl            Σ_t m_t k(y_t)
+  kl_penalty             r_t = −β k(y_t) + [t last] · score             Ziegler et al. 2019, eq. 2
+  AdaptiveKLController   β ← β (1 + clip(KL/target − 1, ±0.2) · n/H)    Ziegler et al. 2019, §2.2
+  rloo_advantages        A_i = r_i − mean_{j≠i} r_j                      Kool et al. 2019; Ahmadian et al. 2024
+  reinforce_loss         −mean_i (R_i − b_i) Σ_t m log π(y_t)            Williams 1992
+  gae                    A_t = δ_t + γλ A_{t+1},  δ_t = r_t + γ V_{t+1} − V_t     Schulman et al. 2016, eq. 16
+  reinforce_pp_advantages  whiten(Σ_{s>=t} γ^{s−t} r_s)                  Hu 2025 (REINFORCE++)
+  ppo_policy_loss        −min(ρ A, clip(ρ, 1−ε, 1+ε) A)                  Schulman et al. 2017, eq. 7
+  ppo_value_loss         ½ max((V − R)², (V_clip − R)²)                  Schulman et al. 2017; baselines' ppo2
+  entropy                −Σ_v π(v) log π(v)                              Schulman et al. 2017, eq. 9
+  grpo_advantages        (r_i − mean_group r) / (std + eps)              Shao et al. 2024, §4.1.2
+  grpo_loss              −min(ρ A, clip(ρ, 1−ε, 1+ε) A) + β k3           Shao et al. 2024, eqs. 3–4
+  gspo_loss              the same with s_i = exp(mean_t log ρ_t)         Zheng et al. 2025
+  dpo_loss               −log σ(β h),  h = log π/π_ref (y_w) − log π/π_ref (y_l)   Rafailov et al. 2023, eq. 7
+  simpo_loss             −log σ(β/|y_w| log π(y_w) − β/|y_l| log π(y_l) − γ)      Meng et al. 2024, eq. 6
+  orpo_loss              NLL(y_w) − λ log σ(log odds(y_w) − log odds(y_l))        Hong et al. 2024, eqs. 6–7
+  kto_loss               λ_y − v(y),  v = λ σ(±β(log r − z0))            Ethayarajh et al. 2024, §4
+
+Argument checks and conversions live in ``minirlhf/_checks.py``; the differentiable pieces
+the losses share (token_logprobs, k3, log1mexp) in ``minirlhf/functional.py``.
+
 Conventions (shared by every function below):
 
 * Per-token quantities are Tensors of shape (B, T) — ``logp[i, t] = log π(y_t | x, y_<t)``
@@ -22,104 +54,22 @@ import numpy as np
 from . import backend
 from . import functional as F
 from .tensor import Tensor
+from ._checks import (_array, _check_clip, _check_finite, _check_nonnegative, _check_option, _check_positive, _const,
+                      _groups, _mask, _num_tokens, _per_sequence, _tensor)
 
 token_logprobs = F.token_logprobs
+log1mexp = F.log1mexp
+_k3_op = F.k3
 
 # |log-ratio| above this is clipped before exp(): e^20 ≈ 4.9e8 is already far outside any
 # trust region, and float32 exp overflows at 88.
 MAX_LOG_RATIO = 20.0
 
 
-# ------------------------------------------------------------ plumbing
-def _tensor(x, name):
-    if isinstance(x, Tensor):
-        return x
-    if not (isinstance(x, np.ndarray) or backend.is_cupy_array(x)):
-        x = np.asarray(x)
-    if x.dtype.kind != "f":
-        raise TypeError(f"{name}: expected floating values, got dtype {x.dtype}")
-    return Tensor(x, dtype=x.dtype)
-
-
-def _array(x, like):
-    """``x`` (array, list or Tensor) as an array on ``like``'s device, dtype unchanged."""
-    data = x.data if isinstance(x, Tensor) else x
-    if not (isinstance(data, np.ndarray) or backend.is_cupy_array(data)):
-        data = np.asarray(data)
-    return backend.to_device(data, like.device) if backend.device_of(data) != like.device else data
-
-
-def _const(x, like, name, shape=None):
-    """``x`` as a detached Tensor with ``like``'s dtype and device (optionally checking its shape)."""
-    data = _array(x, like)
-    if shape is not None and tuple(data.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(data.shape)}")
-    return Tensor(like.xp.asarray(data, dtype=like.dtype), dtype=like.dtype)
-
-
-def _mask(mask, like, name="mask", shape=None):
-    """The mask as a 0/1 float array of ``like``'s dtype and device; its shape must equal
-    ``shape`` (default: ``like``'s)."""
-    m = _array(mask, like)
-    shape = tuple(like.shape if shape is None else shape)
-    if tuple(m.shape) != shape:
-        raise ValueError(f"{name}: shape {tuple(m.shape)} does not match the per-token values' shape "
-                         f"{shape}; expected the same (B, T)")
-    return (m != 0).astype(like.dtype)
-
-
+# ------------------------------------------------- masks (the conventions above)
 def _keep(x, m):
     """x where the mask is 1, else 0; no gradient reaches (and no NaN leaks from) masked positions."""
     return F.where(m > 0, x, 0.0)
-
-
-def _per_sequence(x, like, name):
-    """A per-sequence value (B,) or per-token one (B, T) as a detached Tensor broadcastable to (B, T)."""
-    t = _const(x, like, name)
-    if t.shape == (like.shape[0],):
-        return t.reshape(like.shape[0], 1)
-    if t.shape != like.shape:
-        raise ValueError(f"{name}: expected shape ({like.shape[0]},) or {tuple(like.shape)}, got {t.shape}")
-    return t
-
-
-def _check_positive(value, name):
-    if not value > 0:
-        raise ValueError(f"{name}: must be > 0, got {value}")
-
-
-def _check_nonnegative(value, name):
-    if not value >= 0:
-        raise ValueError(f"{name}: must be >= 0, got {value}")
-
-
-def _check_clip(clip_eps, clip_eps_high):
-    if not 0 < clip_eps < 1:
-        raise ValueError(f"clip_eps: must lie in (0, 1), got {clip_eps}")
-    if clip_eps_high is None:
-        return clip_eps
-    if not 0 < clip_eps_high:
-        raise ValueError(f"clip_eps_high: must be > 0, got {clip_eps_high}")
-    return clip_eps_high
-
-
-def _check_option(value, options, name):
-    if value not in options:
-        raise ValueError(f"{name}: unknown value {value!r}; expected one of {', '.join(map(repr, options))}")
-
-
-def _groups(rewards, group_size, name="group_size"):
-    """(B,) rewards as (B // G, G): consecutive rows are the G samples of one prompt."""
-    if rewards.ndim != 1:
-        raise ValueError(f"rewards: expected shape (B,), got {rewards.shape}")
-    B = rewards.shape[0]
-    if group_size is None:
-        group_size = B
-    if not isinstance(group_size, (int, np.integer)) or group_size < 2:
-        raise ValueError(f"{name}: must be an integer >= 2, got {group_size!r}")
-    if B % group_size:
-        raise ValueError(f"{name}: {group_size} does not divide the batch size {B}")
-    return rewards.reshape(B // group_size, group_size)
 
 
 def _safe_log_ratio(logp, base_logp):
@@ -199,18 +149,6 @@ def whiten(x, mask, eps=1e-8):
     return Tensor(out.astype(x.dtype, copy=False), dtype=x.dtype)
 
 
-def _num_tokens(num_tokens, m):
-    """The token-mean denominator: Σ mask (at least 1), or ``num_tokens`` where the mean runs over
-    more tokens than this batch holds (every micro-batch of an accumulated step)."""
-    if num_tokens is None:
-        return backend.get_array_module(m).maximum(m.sum(), 1.0)
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, float, np.integer, np.floating)) \
-            or not 0 < num_tokens < math.inf:
-        raise ValueError(f"num_tokens: expected a positive finite number (the token count of the whole "
-                         f"accumulated batch), got {num_tokens!r}")
-    return float(num_tokens)
-
-
 def sft_loss(logits, targets, mask, num_tokens=None):
     """Supervised fine-tuning: masked token cross-entropy, averaged over every response token.
 
@@ -266,15 +204,10 @@ def kl_exact(logits, ref_logits, mask=None):
         ref_logits = F.where(keep[..., None], ref_logits, 0.0)
     logp = F.log_softmax(logits, axis=-1)
     ref_logp = F.log_softmax(ref_logits, axis=-1)
-    return (logp.exp() * (logp - ref_logp)).sum(axis=-1)
-
-
-def _k3_op(x):
-    """e^x − 1 − x for x = log(π_ref/π), as one op: expm1 keeps it exact (and >= 0) near x = 0,
-    where exp(x) − 1 − x would cancel to noise or even go negative. d/dx = expm1(x)."""
-    xp = x.xp
-    em1 = xp.expm1(x.data)
-    return Tensor._from_op(em1 - x.data, (x,), lambda g: (g * em1,), "k3")
+    # a banned token (logit −inf) has π(v) = 0 and adds 0, not 0·(−inf)
+    banned = logp.data == -math.inf
+    log_ratio = F.where(banned, 0.0, logp) - F.where(banned, 0.0, ref_logp)
+    return (logp.exp() * log_ratio).sum(axis=-1)
 
 
 def kl_estimate(logp, ref_logp, estimator="k1"):
@@ -297,7 +230,7 @@ def kl_estimate(logp, ref_logp, estimator="k1"):
         return log_ratio
     if estimator == "k2":
         return 0.5 * log_ratio * log_ratio
-    return _k3_op(F.clip(-log_ratio, None, MAX_LOG_RATIO))
+    return F.k3(F.clip(-log_ratio, None, MAX_LOG_RATIO))
 
 
 def response_kl(logp, ref_logp, mask, estimator="k1"):
@@ -356,7 +289,9 @@ class AdaptiveKLController:
     def update(self, measured_kl, n_steps):
         """Move β toward keeping KL at target after ``n_steps`` samples; returns the new β."""
         _check_nonnegative(n_steps, "n_steps")
-        error = min(max(float(measured_kl) / self.target - 1.0, -0.2), 0.2)
+        measured_kl = float(measured_kl)
+        _check_finite(measured_kl, "measured_kl")  # one NaN would make β NaN for every later step
+        error = min(max(measured_kl / self.target - 1.0, -0.2), 0.2)
         self.beta *= 1.0 + error * n_steps / self.horizon
         return self.beta
 
@@ -479,7 +414,7 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps=0.2, clip_eps_hig
     branch is active, stats["approx_kl"] the k3 estimate of KL(π_old ‖ π) = mean(ρ − 1 − log ρ).
     """
     eps_high = _check_clip(clip_eps, clip_eps_high)
-    if dual_clip is not None and not dual_clip > 1:
+    if dual_clip is not None and not 1 < dual_clip < math.inf:
         raise ValueError(f"dual_clip: must be > 1 (the lower bound c on −A·ratio), got {dual_clip}")
     logp = _tensor(logp, "logp")
     m = _mask(mask, logp)
@@ -491,7 +426,7 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps=0.2, clip_eps_hig
     if dual_clip is not None:
         per_token = F.where(A.data < 0, F.minimum(per_token, -dual_clip * A), per_token)
     xp = logp.xp
-    loss = _keep(per_token, m).sum() / xp.maximum(m.sum(), 1.0)
+    loss = masked_mean(per_token, m)
     stats = {"clip_fraction": _fraction(clipped, m),
              "approx_kl": _fraction(xp.expm1(log_ratio.data) - log_ratio.data, m)}
     return loss, stats
@@ -513,7 +448,7 @@ def ppo_value_loss(values, old_values, returns, mask, clip_eps=0.2):
     V = _keep(values, m)
     V_clip = old + F.clip(V - old, -clip_eps, clip_eps)
     per_token = F.maximum((V - R) ** 2, (V_clip - R) ** 2)
-    return 0.5 * _keep(per_token, m).sum() / values.xp.maximum(m.sum(), 1.0)
+    return 0.5 * masked_mean(per_token, m)
 
 
 def entropy(logits, mask):
@@ -525,8 +460,8 @@ def entropy(logits, mask):
     keep = _mask(mask, logits, shape=logits.shape[:-1])
     logits = F.where(keep[..., None] > 0, logits, 0.0)
     logp = F.log_softmax(logits, axis=-1)
-    H = -(logp.exp() * logp).sum(axis=-1)
-    return _keep(H, keep).sum() / logits.xp.maximum(keep.sum(), 1.0)
+    H = -(logp.exp() * F.where(logp.data == -math.inf, 0.0, logp)).sum(axis=-1)  # a banned token adds 0
+    return masked_mean(H, keep)
 
 
 # ----------------------------------------------------------------- GRPO
@@ -555,10 +490,9 @@ def grpo_advantages(rewards, group_size, scale="group", eps=1e-4):
 
 
 def _aggregate(per_token, m, loss_type, num_tokens=None):
-    xp = backend.get_array_module(m)
     masked = _keep(per_token, m)
     if loss_type == "grpo":
-        return (masked.sum(axis=1) / xp.maximum(m.sum(axis=1), 1.0)).mean()
+        return masked_mean(per_token, m, axis=1).mean()
     if loss_type == "dr_grpo":
         return masked.sum() / (m.shape[0] * m.shape[1])
     return masked.sum() / _num_tokens(num_tokens, m)
@@ -718,6 +652,7 @@ def simpo_loss(pi_chosen, pi_rejected, len_chosen, len_rejected, beta=2.0, gamma
     (loss, chosen_rewards, rejected_rewards) with the detached rewards β/|y| · log π(y).
     """
     _check_positive(beta, "beta")
+    _check_finite(gamma, "gamma")
     pi_chosen = _tensor(pi_chosen, "pi_chosen")
     pi_rejected = _tensor(pi_rejected, "pi_rejected")
     shape = pi_chosen.shape
@@ -727,17 +662,6 @@ def simpo_loss(pi_chosen, pi_rejected, len_chosen, len_rejected, beta=2.0, gamma
     rejected = beta * pi_rejected / F.maximum(len_l, 1.0)
     loss = -F.log_sigmoid(chosen - rejected - gamma).mean()
     return loss, chosen.detach(), rejected.detach()
-
-
-def log1mexp(x):
-    """log(1 − e^x) for x < 0 without cancellation (Mächler 2012): log(−expm1(x)) for x > −log 2,
-    log1p(−e^x) below. d/dx = −1/expm1(−x)."""
-    xp = x.xp
-    d = x.data
-    tiny = np.finfo(d.dtype).tiny
-    out = xp.where(d > -math.log(2), xp.log(-xp.expm1(xp.minimum(d, -tiny))),
-                   xp.log1p(-xp.exp(xp.minimum(d, -math.log(2)))))
-    return Tensor._from_op(out, (x,), lambda g: (-g / xp.expm1(-d),), "log1mexp")
 
 
 def orpo_loss(logp_chosen, logp_rejected, mask_chosen, mask_rejected, lam=0.1):
@@ -760,17 +684,16 @@ def orpo_loss(logp_chosen, logp_rejected, mask_chosen, mask_rejected, lam=0.1):
                          f"{logp_chosen.shape[0]}")
     m_w = _mask(mask_chosen, logp_chosen, "mask_chosen")
     m_l = _mask(mask_rejected, logp_rejected, "mask_rejected")
-    xp = logp_chosen.xp
     below_zero = -float(np.finfo(logp_chosen.dtype).eps)
 
     def log_odds(logp, m):
-        mean_logp = _keep(logp, m).sum(axis=1) / xp.maximum(m.sum(axis=1), 1.0)
+        mean_logp = masked_mean(logp, m, axis=1)
         mean_logp = F.clip(mean_logp, None, below_zero)
-        return mean_logp - log1mexp(mean_logp)
+        return mean_logp - F.log1mexp(mean_logp)
 
     log_odds_ratio = log_odds(logp_chosen, m_w) - log_odds(logp_rejected, m_l)
     odds_ratio_loss = -F.log_sigmoid(log_odds_ratio).mean()
-    nll = -_keep(logp_chosen, m_w).sum() / xp.maximum(m_w.sum(), 1.0)
+    nll = -masked_mean(logp_chosen, m_w)
     stats = {"nll": nll.data, "odds_ratio_loss": odds_ratio_loss.data, "log_odds_ratio": log_odds_ratio.data.mean()}
     return nll + lam * odds_ratio_loss, stats
 

@@ -301,6 +301,27 @@ def test_kl_exact_is_zero_for_logits_that_differ_by_a_constant_and_finite_at_1e4
     assert np.isfinite(losses.kl_exact(Tensor(a), -a).numpy()).all()
 
 
+def test_kl_exact_and_entropy_are_finite_with_banned_tokens():
+    """A token banned with a −inf logit has π(v) = 0 and adds 0 (it gave 0·(−inf) = NaN)."""
+    logits = t64([[[0.0, 1.0, -np.inf], [-np.inf, 2.0, 2.0]]], grad=True)
+    ref = np.array([[[1.0, 0.0, 3.0], [-np.inf, 0.0, 1.0]]])
+    mask = np.ones((1, 2))
+    kl = losses.kl_exact(logits, ref, mask)
+    H = losses.entropy(logits, mask)
+    (kl.sum() + H).backward()
+    def softmax(z):
+        e = np.exp(np.asarray(z) - np.max(z))
+        return e / e.sum()
+    p = [softmax([0.0, 1.0]), softmax([2.0, 2.0])]
+    q = [softmax([1.0, 0.0, 3.0])[:2], softmax([0.0, 1.0])]
+    want_kl = [(pi * np.log(pi / qi)).sum() for pi, qi in zip(p, q)]
+    want_H = np.mean([-(pi * np.log(pi)).sum() for pi in p])
+    np.testing.assert_allclose(kl.numpy()[0], want_kl, rtol=1e-12)
+    assert H.item() == pytest.approx(want_H, rel=1e-12)
+    assert np.isfinite(logits.grad).all()
+    assert logits.grad[0, 0, 2] == 0 and logits.grad[0, 1, 0] == 0
+
+
 def test_kl_exact_matches_torch():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(2)
