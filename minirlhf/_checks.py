@@ -20,6 +20,14 @@ def _tensor(x, name):
     return Tensor(x, dtype=x.dtype)
 
 
+def _per_token(x, name):
+    """A per-token input (B, T) as a Tensor; any other number of axes is refused by name."""
+    t = _tensor(x, name)
+    if t.ndim != 2:
+        raise ValueError(f"{name}: expected per-token values of shape (B, T), got shape {t.shape}")
+    return t
+
+
 def _array(x, like):
     """``x`` (array, list or Tensor) as an array on ``like``'s device, dtype unchanged."""
     data = x.data if isinstance(x, Tensor) else x

@@ -55,7 +55,7 @@ from . import backend
 from . import functional as F
 from .tensor import Tensor
 from ._checks import (_array, _check_clip, _check_finite, _check_nonnegative, _check_option, _check_positive, _const,
-                      _groups, _mask, _num_tokens, _per_sequence, _tensor)
+                      _groups, _mask, _num_tokens, _per_sequence, _per_token, _tensor)
 
 token_logprobs = F.token_logprobs
 log1mexp = F.log1mexp
@@ -80,6 +80,20 @@ def _fraction(flags, m):
     """Share of masked-in positions where ``flags`` holds (a 0-d array; 0 for an empty mask)."""
     xp = backend.get_array_module(m)
     return (flags * m).sum() / xp.maximum(m.sum(), 1.0)
+
+
+def _row_mean(x):
+    """Mean over the rows (pairs, sequences) of x, Tensor or array; 0 for a batch of no rows."""
+    return x.sum() / max(x.shape[0], 1)
+
+
+def _unbiased_std(centred, n, axis):
+    """sqrt(Σ c² / (n − 1)) of n values already centred (0 where masked out), computed as s · std(c/s)
+    with s = max |c| so that the squares cannot overflow (float32 rewards of 1e20 square to inf)."""
+    xp = backend.get_array_module(centred)
+    s = xp.abs(centred).max(axis=axis, keepdims=axis is not None)
+    u = centred / xp.where(s > 0, s, 1)
+    return s * xp.sqrt((u * u).sum(axis=axis, keepdims=axis is not None) / xp.maximum(n - 1, 1.0))
 
 
 # ------------------------------------------------------- log-probs and means
@@ -139,10 +153,7 @@ def whiten(x, mask, eps=1e-8):
     n = m.sum()
     mean = xp.where(keep, x.data, 0).sum() / xp.maximum(n, 1.0)
     centred = xp.where(keep, x.data - mean, 0)
-    # σ = s·std(centred / s) with s = max |centred|: the squares cannot overflow, even in float32
-    s = xp.abs(centred).max()
-    u = centred / xp.where(s > 0, s, 1)
-    std = s * xp.sqrt((u * u).sum() / xp.maximum(n - 1, 1.0))
+    std = _unbiased_std(centred, n, axis=None)
     first = x.data.reshape(-1)[xp.argmax(keep.reshape(-1))]
     constant = xp.where(keep, x.data, first).min() == xp.where(keep, x.data, first).max()
     out = xp.where(keep & ~constant, centred / (std + eps), 0)
@@ -185,8 +196,8 @@ def bradley_terry_loss(r_chosen, r_rejected, margin=None):
         if margin.shape not in ((), z.shape):
             raise ValueError(f"margin: expected a number or shape {z.shape}, got shape {margin.shape}")
         z = z - margin
-    loss = -F.log_sigmoid(z).mean()
-    accuracy = (r_chosen.data > r_rejected.data).astype(z.dtype).mean()
+    loss = _row_mean(-F.log_sigmoid(z))
+    accuracy = _row_mean((r_chosen.data > r_rejected.data).astype(z.dtype))
     return loss, accuracy
 
 
@@ -240,7 +251,7 @@ def response_kl(logp, ref_logp, mask, estimator="k1"):
     logp (B, T) with or without gradient (it flows through, as in kl_estimate); ref_logp (B, T)
     detached; mask (B, T). What sits under the mask is never read. Returns (B,).
     """
-    logp = _tensor(logp, "logp")
+    logp = _per_token(logp, "logp")
     m = _mask(mask, logp)
     ref_logp = _const(ref_logp, logp, "ref_logp", logp.shape)
     return _keep(kl_estimate(_keep(logp, m), _keep(ref_logp, m), estimator), m).sum(axis=1)
@@ -257,11 +268,13 @@ def kl_penalty(logp, ref_logp, mask, scores, beta, estimator="k1"):
     detached: these are rewards for GAE, not a loss. Returns (B, T), 0 under the mask.
     """
     _check_nonnegative(beta, "beta")
-    logp = _tensor(logp, "logp").detach()
+    logp = _per_token(logp, "logp").detach()
     m = _mask(mask, logp)
     scores = _const(scores, logp, "scores", (logp.shape[0],))
     k = kl_estimate(_keep(logp, m), _keep(_const(ref_logp, logp, "ref_logp", logp.shape), m), estimator)
     xp = logp.xp
+    if logp.shape[1] == 0:
+        return Tensor(xp.zeros(logp.shape, dtype=logp.dtype), dtype=logp.dtype)
     t = xp.arange(logp.shape[1])
     last = (m * t).max(axis=1)
     at_last = ((t[None, :] == last[:, None]) & (m.sum(axis=1) > 0)[:, None]).astype(logp.dtype)
@@ -325,7 +338,7 @@ def reinforce_loss(logp, rewards, mask, baseline=None, group_size=None):
     group_size: samples per prompt (consecutive rows); None means the whole batch is one group.
     """
     _check_option(baseline, (None, "mean", "rloo"), "baseline")
-    logp = _tensor(logp, "logp")
+    logp = _per_token(logp, "logp")
     m = _mask(mask, logp)
     R = _const(rewards, logp, "rewards", (logp.shape[0],))
     if baseline == "mean":
@@ -335,7 +348,7 @@ def reinforce_loss(logp, rewards, mask, baseline=None, group_size=None):
         advantages = rloo_advantages(R, group_size)
     else:
         advantages = R
-    return -(advantages * _keep(logp, m).sum(axis=1)).mean()
+    return -_row_mean(advantages * _keep(logp, m).sum(axis=1))
 
 
 def gae(rewards, values, mask, gamma=1.0, lam=0.95):
@@ -353,7 +366,7 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
         raise ValueError(f"gamma: must lie in [0, 1], got {gamma}")
     if not 0 <= lam <= 1:
         raise ValueError(f"lam: must lie in [0, 1], got {lam}")
-    values = _tensor(values, "values").detach()
+    values = _per_token(values, "values").detach()
     m = _mask(mask, values)
     r = _keep(_const(rewards, values, "rewards", values.shape), m).data
     v = _keep(values, m).data
@@ -416,7 +429,7 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps=0.2, clip_eps_hig
     eps_high = _check_clip(clip_eps, clip_eps_high)
     if dual_clip is not None and not 1 < dual_clip < math.inf:
         raise ValueError(f"dual_clip: must be > 1 (the lower bound c on −A·ratio), got {dual_clip}")
-    logp = _tensor(logp, "logp")
+    logp = _per_token(logp, "logp")
     m = _mask(mask, logp)
     old_logp = _const(old_logp, logp, "old_logp", logp.shape)
     A = _keep(_per_sequence(advantages, logp, "advantages"), m)
@@ -441,7 +454,7 @@ def ppo_value_loss(values, old_values, returns, mask, clip_eps=0.2):
     returns (B, T) targets R (from gae); mask (B, T); clip_eps > 0 in units of value.
     """
     _check_positive(clip_eps, "clip_eps")
-    values = _tensor(values, "values")
+    values = _per_token(values, "values")
     m = _mask(mask, values)
     old = _keep(_const(old_values, values, "old_values", values.shape), m)
     R = _keep(_const(returns, values, "returns", values.shape), m)
@@ -480,10 +493,17 @@ def grpo_advantages(rewards, group_size, scale="group", eps=1e-4):
     r = _tensor(rewards, "rewards").detach()
     g = _groups(r, group_size).data
     xp = r.xp
+    bad = ~xp.isfinite(r.data)
+    if bad.any():  # one host sync on the GPU: a NaN reward would silently zero or skew its group
+        raise ValueError(f"rewards: must be finite, got {r.data[bad][:3].tolist()} at rows "
+                         f"{xp.flatnonzero(bad)[:3].tolist()}")
     constant = g.max(axis=1, keepdims=True) == g.min(axis=1, keepdims=True)
     centered = xp.where(constant, 0, g - g.mean(axis=1, keepdims=True))
     if scale != "none":
-        std = g.std(axis=1, ddof=1, keepdims=True) if scale == "group" else r.data.std(ddof=1)
+        if scale == "group":
+            std = _unbiased_std(centered, g.shape[1], axis=1)
+        else:
+            std = _unbiased_std(r.data - r.data.mean(), r.shape[0], axis=None)
         # a constant group is already exactly 0; dividing it by std + eps = 0 would make NaN
         centered = centered / xp.where(std + eps > 0, std + eps, 1)
     return Tensor(centered.reshape(r.shape[0]), dtype=r.dtype)
@@ -492,9 +512,9 @@ def grpo_advantages(rewards, group_size, scale="group", eps=1e-4):
 def _aggregate(per_token, m, loss_type, num_tokens=None):
     masked = _keep(per_token, m)
     if loss_type == "grpo":
-        return masked_mean(per_token, m, axis=1).mean()
+        return _row_mean(masked_mean(per_token, m, axis=1))
     if loss_type == "dr_grpo":
-        return masked.sum() / (m.shape[0] * m.shape[1])
+        return masked.sum() / max(m.shape[0] * m.shape[1], 1)
     return masked.sum() / _num_tokens(num_tokens, m)
 
 
@@ -531,7 +551,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04, clip_eps=0.
                          f"{loss_type!r}")
     _check_nonnegative(beta, "beta")
     eps_high = _check_clip(clip_eps, clip_eps_high)
-    logp = _tensor(logp, "logp")
+    logp = _per_token(logp, "logp")
     m = _mask(mask, logp)
     old_logp = _keep(_const(old_logp, logp, "old_logp", logp.shape), m)
     A = _keep(_per_sequence(advantages, logp, "advantages"), m)
@@ -564,12 +584,12 @@ def gspo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, clip_eps=3e-
 
     the geometric mean of the token ratios, clipped as a whole (the paper's ε are ~3e-4 and
     4e-4 because s_i is length-normalised). Arguments as in grpo_loss, with advantages (B,);
-    beta defaults to 0 (the paper uses no KL term). Returns (loss, stats) with clip_fraction
-    (share of sequences clipped) and kl.
+    beta defaults to 0 (the paper uses no KL term). A response with no tokens adds 0. Returns
+    (loss, stats) with clip_fraction (share of non-empty sequences clipped) and kl.
     """
     _check_nonnegative(beta, "beta")
     eps_high = _check_clip(clip_eps, clip_eps_high)
-    logp = _tensor(logp, "logp")
+    logp = _per_token(logp, "logp")
     m = _mask(mask, logp)
     xp = logp.xp
     A = _const(advantages, logp, "advantages", (logp.shape[0],))
@@ -579,8 +599,10 @@ def gspo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, clip_eps=3e-
     seq_log_ratio = (logp - old_logp).sum(axis=1) / lengths
     s = F.clip(seq_log_ratio, -MAX_LOG_RATIO, MAX_LOG_RATIO).exp()
     per_seq, clipped = _clipped_surrogate(s, A, clip_eps, eps_high)
-    loss = per_seq.mean()
-    stats = {"clip_fraction": clipped.astype(logp.dtype).mean()}
+    # a response with no tokens has no ratio: it adds 0 (not −A_i/B) and is not counted as clipped
+    nonempty = (m.sum(axis=1) > 0).astype(logp.dtype)
+    loss = _row_mean(_keep(per_seq, nonempty))
+    stats = {"clip_fraction": _fraction(clipped, nonempty)}
     k3 = _reference_k3(logp, ref_logp, m, beta, stats)
     if k3 is not None and beta != 0:
         loss = loss + beta * _aggregate(k3, m, "grpo")
@@ -639,7 +661,7 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_ty
         per_pair = F.relu(1 - z)
     else:
         per_pair = (h - 1 / (2 * beta)) ** 2
-    return per_pair.mean(), beta * chosen_log_ratio.detach(), beta * rejected_log_ratio.detach()
+    return _row_mean(per_pair), beta * chosen_log_ratio.detach(), beta * rejected_log_ratio.detach()
 
 
 def simpo_loss(pi_chosen, pi_rejected, len_chosen, len_rejected, beta=2.0, gamma=1.0):
@@ -660,7 +682,7 @@ def simpo_loss(pi_chosen, pi_rejected, len_chosen, len_rejected, beta=2.0, gamma
     len_l = _const(len_rejected, pi_chosen, "len_rejected", shape)
     chosen = beta * pi_chosen / F.maximum(len_w, 1.0)
     rejected = beta * pi_rejected / F.maximum(len_l, 1.0)
-    loss = -F.log_sigmoid(chosen - rejected - gamma).mean()
+    loss = _row_mean(-F.log_sigmoid(chosen - rejected - gamma))
     return loss, chosen.detach(), rejected.detach()
 
 
@@ -677,8 +699,8 @@ def orpo_loss(logp_chosen, logp_rejected, mask_chosen, mask_rejected, lam=0.1):
     Returns (loss, stats) with nll, odds_ratio_loss and log_odds_ratio (0-d arrays).
     """
     _check_nonnegative(lam, "lam")
-    logp_chosen = _tensor(logp_chosen, "logp_chosen")
-    logp_rejected = _tensor(logp_rejected, "logp_rejected")
+    logp_chosen = _per_token(logp_chosen, "logp_chosen")
+    logp_rejected = _per_token(logp_rejected, "logp_rejected")
     if logp_rejected.shape[0] != logp_chosen.shape[0]:
         raise ValueError(f"logp_rejected: batch size {logp_rejected.shape[0]} does not match logp_chosen's "
                          f"{logp_chosen.shape[0]}")
@@ -692,9 +714,9 @@ def orpo_loss(logp_chosen, logp_rejected, mask_chosen, mask_rejected, lam=0.1):
         return mean_logp - F.log1mexp(mean_logp)
 
     log_odds_ratio = log_odds(logp_chosen, m_w) - log_odds(logp_rejected, m_l)
-    odds_ratio_loss = -F.log_sigmoid(log_odds_ratio).mean()
+    odds_ratio_loss = _row_mean(-F.log_sigmoid(log_odds_ratio))
     nll = -masked_mean(logp_chosen, m_w)
-    stats = {"nll": nll.data, "odds_ratio_loss": odds_ratio_loss.data, "log_odds_ratio": log_odds_ratio.data.mean()}
+    stats = {"nll": nll.data, "odds_ratio_loss": odds_ratio_loss.data, "log_odds_ratio": _row_mean(log_odds_ratio.data)}
     return nll + lam * odds_ratio_loss, stats
 
 
@@ -726,4 +748,4 @@ def kto_loss(pi_logp, ref_logp, desirable, z0, beta=0.1, desirable_weight=1.0, u
     value = F.where(d, desirable_weight * F.sigmoid(beta * (log_ratio - z0)),
                     undesirable_weight * F.sigmoid(beta * (z0 - log_ratio)))
     weight = pi_logp.xp.where(d, desirable_weight, undesirable_weight).astype(pi_logp.dtype)
-    return (weight - value).mean(), beta * log_ratio.detach()
+    return _row_mean(weight - value), beta * log_ratio.detach()

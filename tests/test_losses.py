@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -254,6 +254,54 @@ def test_grpo_token_mean_micro_batch_losses_over_the_global_token_count_sum_to_t
     np.testing.assert_allclose(np.concatenate([g for _, (g,) in results]), grad_full, rtol=1e-10, atol=1e-14)
     mean_of_means = np.mean([loss(p)(t64(p[0])).item() for p in parts])
     assert mean_of_means != pytest.approx(value_full, rel=1e-3)
+
+
+def test_adaptive_kl_controller_keeps_its_beta_after_refusing_a_nan_measurement():
+    """One update(nan) used to make β NaN for every later step."""
+    controller = losses.AdaptiveKLController(0.1, 6.0, 100)
+    with pytest.raises(ValueError):
+        controller.update(float("nan"), 10)
+    assert controller.beta == 0.1 and controller.update(6.0, 10) == 0.1
+
+
+def test_kl_penalty_of_responses_with_no_positions_is_empty_not_an_error():
+    out = losses.kl_penalty(np.zeros((2, 0)), np.zeros((2, 0)), np.zeros((2, 0)), np.ones(2), 0.1)
+    assert out.shape == (2, 0)
+
+
+def test_statistics_of_an_empty_batch_are_zero_not_nan():
+    """The module's convention for an all-masked row (0, never NaN), extended to a batch of no rows."""
+    empty, none = np.zeros(0), np.zeros((0, 3))
+    with np.errstate(all="raise"):
+        loss, accuracy = losses.bradley_terry_loss(empty, empty)
+        assert loss.item() == 0 and float(accuracy) == 0
+        for k in losses.GRPO_LOSS_TYPES:
+            assert losses.grpo_loss(none, none, none, empty, none, loss_type=k)[0].item() == 0
+            flat = np.zeros((2, 0))
+            assert losses.grpo_loss(flat, flat, flat, np.ones(2), flat, loss_type=k)[0].item() == 0
+        loss, stats = losses.gspo_loss(none, none, none, empty, none, beta=0.1)
+        assert loss.item() == 0 and float(stats["clip_fraction"]) == 0 and float(stats["kl"]) == 0
+        loss, stats = losses.orpo_loss(none, none, none, none)
+        assert loss.item() == 0 and float(stats["log_odds_ratio"]) == 0 and float(stats["odds_ratio_loss"]) == 0
+        for k in losses.DPO_LOSS_TYPES:
+            assert losses.dpo_loss(empty, empty, empty, empty, loss_type=k)[0].item() == 0
+        assert losses.simpo_loss(empty, empty, empty, empty)[0].item() == 0
+        assert losses.kto_loss(empty, empty, np.zeros(0, bool), 0.0)[0].item() == 0
+        assert losses.reinforce_loss(none, empty, none).item() == 0
+
+
+def test_gspo_responses_without_tokens_add_nothing_and_are_not_counted_as_clipped():
+    """An empty response has no sequence ratio: it added −A_i/B (an all-masked batch gave −mean(A))
+    and counted in the clip fraction."""
+    logp = -np.ones((3, 2))
+    old = logp - np.array([[0.5, 0.5], [0.0, 0.0], [0.0, 0.0]])    # row 0 is clipped
+    mask = np.array([[1, 1], [1, 1], [0, 0.0]])
+    adv = np.array([1.0, 2.0, 5.0])
+    loss, stats = losses.gspo_loss(t64(logp), old, None, adv, mask, clip_eps=0.2, clip_eps_high=0.2)
+    assert loss.item() == pytest.approx(-(1.2 * 1.0 + 1.0 * 2.0) / 3, rel=1e-12)
+    assert float(stats["clip_fraction"]) == 0.5
+    loss, stats = losses.gspo_loss(t64(logp), old, None, adv, np.zeros((3, 2)))
+    assert loss.item() == 0 and float(stats["clip_fraction"]) == 0
 
 
 # ------------------------------------------------------------------ Bradley-Terry
@@ -614,10 +662,44 @@ def test_grpo_advantages_of_identical_rewards_are_exactly_zero(r, scale, G):
 
 @given(arrays(np.float64, 8, elements=floats()), floats(0.01, 100), floats(-100, 100),
        st.sampled_from(["group", "batch"]))
+@example(rewards=np.array([1.15e-102, 0, 0, 0, 0, 0, 0, 0]), a=1.0, b=1.0, scale="group")
 def test_std_scaled_grpo_advantages_are_invariant_to_positive_affine_maps_of_the_rewards(rewards, a, b, scale):
+    """Holds where the map keeps each group's spread: a·r + b must still tell the rewards of a
+    group apart in float64 (1.15e-102 + 1 rounds to 1, which makes the group constant)."""
+    mapped = a * rewards + b
+    for g, h in zip(rewards.reshape(-1, 4), mapped.reshape(-1, 4)):
+        if np.ptp(g) > 0:
+            assume(np.ptp(h) > 1e-6 * np.abs(h).max())
     before = losses.grpo_advantages(t64(rewards), 4, scale=scale, eps=0.0).numpy()
-    after = losses.grpo_advantages(t64(a * rewards + b), 4, scale=scale, eps=0.0).numpy()
+    after = losses.grpo_advantages(t64(mapped), 4, scale=scale, eps=0.0).numpy()
     np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+
+
+def test_an_affine_map_that_rounds_a_group_to_one_value_gives_that_group_zero_advantages():
+    """The draw that broke the invariance above: outside its domain, the constant-group rule holds."""
+    rewards = np.array([1.15e-102, 0, 0, 0, 1.0, 2.0, 3.0, 5.0])
+    assert (losses.grpo_advantages(rewards, 4, eps=0.0).numpy()[:4] != 0).all()
+    assert (losses.grpo_advantages(rewards + 1.0, 4, eps=0.0).numpy()[:4] == 0).all()
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_grpo_advantages_refuse_non_finite_rewards(scale, bad):
+    """A NaN reward zeroed its group's advantages or, with scale="batch", left every group unscaled."""
+    rewards = np.array([1.0, 0.0, bad, 2.0, 0.5, 0.25])
+    with pytest.raises(ValueError, match=r"rewards: must be finite.*at rows \[2\]"):
+        losses.grpo_advantages(rewards, 2, scale=scale)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_grpo_advantages_of_huge_float32_rewards_are_right(scale):
+    """float32 rewards of ±1e20 square to inf: the std must not (it gave all-zero advantages)."""
+    r = np.array([1e20, -1e20, 3e20, -3e20], dtype=np.float32)
+    adv = losses.grpo_advantages(r, 2, scale=scale).numpy()
+    r64 = r.astype(np.float64)
+    g = r64.reshape(2, 2)
+    std = g.std(axis=1, ddof=1, keepdims=True) if scale == "group" else r64.std(ddof=1)
+    np.testing.assert_allclose(adv, ((g - g.mean(1, keepdims=True)) / std).reshape(-1), rtol=1e-6)
 
 
 def test_batch_scaled_grpo_advantages_divide_group_centred_rewards_by_the_batch_std():
@@ -895,6 +977,23 @@ INVALID = [
     (lambda: losses.grpo_loss(_lp, _lp.data, _lp.data, np.ones(2), _m, num_tokens=6), "num_tokens.*'bnpo'"),
     (lambda: losses.whiten(np.ones(3), np.ones(4)), "mask.*shape"),
     (lambda: losses.response_kl(_lp, _lp.data, _m, "k5"), "estimator"),
+    (lambda: losses.kl_penalty(_lp, _lp.data, _m, np.ones(2), beta=np.inf), "beta.*finite"),
+    (lambda: losses.kl_penalty(_lp, _lp.data, _m, np.ones(2), beta=np.nan), "beta.*finite"),
+    (lambda: losses.grpo_loss(_lp, _lp.data, _lp.data, np.ones(2), _m, beta=np.inf), "beta.*finite"),
+    (lambda: losses.grpo_loss(_lp, _lp.data, _lp.data, np.ones(2), _m, clip_eps_high=np.inf), "clip_eps_high.*finite"),
+    (lambda: losses.grpo_loss(_lp, _lp.data, _lp.data, np.ones(2), _m, clip_eps=np.nan), "clip_eps"),
+    (lambda: losses.dpo_loss(np.ones(2), np.ones(2), np.ones(2), np.ones(2), beta=np.inf), "beta.*finite"),
+    (lambda: losses.dpo_loss(np.ones(2), np.ones(2), np.ones(2), np.ones(2), beta=np.nan), "beta.*finite"),
+    (lambda: losses.simpo_loss(np.ones(2), np.ones(2), np.ones(2), np.ones(2), gamma=np.nan), "gamma.*finite"),
+    (lambda: losses.ppo_policy_loss(_lp, _lp.data, np.ones(2), _m, dual_clip=np.inf), "dual_clip"),
+    (lambda: losses.AdaptiveKLController(0.1, 6.0, 100).update(np.nan, 10), "measured_kl.*finite"),
+    (lambda: losses.AdaptiveKLController(0.1, 6.0, 100).update(np.inf, 10), "measured_kl.*finite"),
+    (lambda: losses.AdaptiveKLController(np.inf, 6.0, 100), "init_beta.*finite"),
+    (lambda: losses.sft_loss(t64(np.zeros((2, 3, 4))), np.zeros((2, 2), int), _m), r"targets: expected shape \(2, 3\)"),
+    (lambda: losses.sft_loss(t64(np.zeros((2, 4))), np.zeros(2, int), _m), r"logits: expected shape \(B, T, V\)"),
+    (lambda: losses.sequence_logprobs(t64(np.zeros((2, 3, 4))), np.zeros((3, 3), int), _m), "targets: expected shape"),
+    (lambda: losses.gae(np.ones(3), np.ones(3), np.ones(3)), r"values: expected per-token values of shape \(B, T\)"),
+    (lambda: losses.kl_penalty(np.ones(3), np.ones(3), np.ones(3), np.ones(3), 0.1), r"logp: expected .*\(B, T\)"),
 ]
 
 
