@@ -10,6 +10,13 @@ from . import backend
 from .tensor import no_grad
 
 
+def _check_finite_nonnegative(value, what):
+    """A NaN or inf setting would turn every parameter into NaN at the first step: refuse it here."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not 0 <= value < math.inf:
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+
+
 class Optimizer:
     def __init__(self, params, defaults):
         params = list(params)
@@ -24,8 +31,8 @@ class Optimizer:
             g["params"] = list(g["params"])
             self.param_groups.append(g)
         for g in self.param_groups:
-            if g["lr"] < 0:
-                raise ValueError(f"{type(self).__name__}: lr must be >= 0, got {g['lr']}")
+            for name in ("lr", "weight_decay"):
+                _check_finite_nonnegative(g[name], f"{type(self).__name__}: {name}")
         self.state = {}
         self.step_count = 0
 
@@ -99,8 +106,8 @@ class AdamW(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"AdamW: betas must be in [0, 1), got {betas}")
-        if eps <= 0:
-            raise ValueError(f"AdamW: eps must be > 0, got {eps}")
+        if not 0 < eps < math.inf:
+            raise ValueError(f"AdamW: eps must be a finite number > 0, got {eps}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     @no_grad()
@@ -132,6 +139,7 @@ def clip_grad_norm_(params, max_norm):
 
     The norm is returned as a 0-d array of the gradients' backend (no device sync).
     """
+    _check_finite_nonnegative(max_norm, "clip_grad_norm_: max_norm")
     params = list(params)
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
