@@ -55,18 +55,26 @@ class Optimizer:
                 out[f"{k}.{name}"] = np.asarray(buf, dtype=np.int64) if name == "step" else buf
         return {"step": self.step_count, "buffers": out, "lr": [g["lr"] for g in self.param_groups]}
 
+    BUFFERS = ()  # the per-parameter state an optimizer keeps, by name
+
     def load_state_dict(self, state):
+        """Restore what state_dict returned; buffer names must be "<parameter index>.<buffer>"."""
         params = [p for g in self.param_groups for p in g["params"]]
-        self.state = {}
+        loaded = {}
         for key, buf in state["buffers"].items():
-            k, name = key.split(".", 1)
+            k, _, name = str(key).partition(".")
+            if not (k.isdigit() and int(k) < len(params) and name in self.BUFFERS):
+                raise ValueError(f"load_state_dict: buffer name {key!r} is not '<parameter index>.<buffer>' with an "
+                                 f"index below {len(params)} and a buffer of {type(self).__name__} "
+                                 f"({', '.join(self.BUFFERS)})")
             p = params[int(k)]
             if name == "step":
-                self.state.setdefault(id(p), {})[name] = int(buf)
+                loaded.setdefault(id(p), {})[name] = int(buf)
                 continue
             if tuple(buf.shape) != p.shape:
                 raise ValueError(f"load_state_dict: buffer {key} has shape {tuple(buf.shape)}, parameter {p.shape}")
-            self.state.setdefault(id(p), {})[name] = p.xp.asarray(buf, dtype=p.dtype).copy()
+            loaded.setdefault(id(p), {})[name] = p.xp.asarray(buf, dtype=p.dtype).copy()
+        self.state = loaded
         self.step_count = int(state["step"])
         for g, lr in zip(self.param_groups, state.get("lr", [])):
             g["lr"] = lr
@@ -74,6 +82,8 @@ class Optimizer:
 
 class SGD(Optimizer):
     """p ← p − lr·b, b ← momentum·b + (g + weight_decay·p) (torch.optim.SGD without dampening)."""
+
+    BUFFERS = ("momentum",)
 
     def __init__(self, params, lr=1e-2, momentum=0.0, weight_decay=0.0):
         if not 0 <= momentum < 1:
@@ -102,6 +112,8 @@ class AdamW(Optimizer):
     p ← p·(1 − lr·λ);  m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;
     p ← p − lr · (m / (1−β₁ᵗ)) / (√(v / (1−β₂ᵗ)) + ε)
     """
+
+    BUFFERS = ("m", "v", "step")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
