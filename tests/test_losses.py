@@ -233,8 +233,9 @@ def test_sft_micro_batch_losses_over_the_global_token_count_sum_to_the_full_batc
 
 @pytest.mark.parametrize("loss_type", ["bnpo", "dapo"])
 def test_grpo_token_mean_micro_batch_losses_over_the_global_token_count_sum_to_the_full_batch_loss(loss_type):
-    """As for SFT: token-mean losses accumulate over the global token count
-    (huggingface/trl#2615 and the DAPO paper's token-level loss)."""
+    """As for SFT: token-mean losses accumulate over the global token count (huggingface/trl#3231: a
+    per-micro-batch normaliser is not invariant to how samples fall into accumulation steps;
+    allenai/open-instruct#1161 made the token count of the whole accumulated batch the denominator)."""
     rng = np.random.default_rng(6)
     sizes, T = [2, 1, 3], 5
     parts = []
@@ -1001,3 +1002,135 @@ INVALID = [
 def test_invalid_arguments_raise_errors_that_name_them(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# ------------------------------------------- bug classes RLHF frameworks shipped
+@st.composite
+def ragged_batch(draw, B=4, T=5):
+    """Per-token log-probs with rows of every length, 0 included, and per-row advantages."""
+    lengths = draw(st.lists(st.integers(0, T), min_size=B, max_size=B))
+    mask = (np.arange(T)[None, :] < np.array(lengths)[:, None]).astype(float)
+    logp = draw(arrays(np.float64, (B, T), elements=floats(-4.0, -0.05)))
+    adv = draw(arrays(np.float64, B, elements=floats(-2, 2)))
+    return logp, mask, adv
+
+
+@given(ragged_batch(), st.integers(20, 40))
+def test_every_loss_aggregation_mode_equals_its_formula(batch, num_tokens):
+    """At ratio 1 and β = 0 every token's loss is −A_i, so each mode has a closed form: a mode that
+    quietly normalises by the wrong count (huggingface/trl#2995, the token mean that was not the
+    paper's; huggingface/trl#3256, which named "grpo", "bnpo" and "dr_grpo") fails here."""
+    logp, mask, adv = batch
+    B, T = mask.shape
+    n = mask.sum(axis=1)
+    want = {"grpo": -np.mean(np.where(n > 0, adv, 0.0)),
+            "bnpo": -(adv * n).sum() / max(n.sum(), 1),
+            "dr_grpo": -(adv * n).sum() / (B * T),
+            "dapo": -(adv * n).sum() / max(n.sum(), 1)}
+    for loss_type, value in want.items():
+        got = losses.grpo_loss(t64(logp), logp, None, adv, mask, beta=0.0, loss_type=loss_type)[0].item()
+        assert got == pytest.approx(value, rel=1e-12, abs=1e-12), loss_type
+    for loss_type in ("bnpo", "dapo"):
+        got = losses.grpo_loss(t64(logp), logp, None, adv, mask, beta=0.0, loss_type=loss_type,
+                               num_tokens=num_tokens)[0].item()
+        assert got == pytest.approx(-(adv * n).sum() / num_tokens, rel=1e-12, abs=1e-12), loss_type
+    ppo, _ = losses.ppo_policy_loss(t64(logp), logp, adv, mask)
+    assert ppo.item() == pytest.approx(want["bnpo"], rel=1e-12, abs=1e-12)
+    gspo, _ = losses.gspo_loss(t64(logp), logp, None, adv, mask)
+    assert gspo.item() == pytest.approx(want["grpo"], rel=1e-12, abs=1e-12)
+    reinforce = losses.reinforce_loss(t64(logp), adv, mask)
+    assert reinforce.item() == pytest.approx(-np.mean(adv * (logp * mask).sum(axis=1)), rel=1e-12, abs=1e-12)
+
+
+def _categorical(seed, V=6):
+    logits = np.random.default_rng(seed).normal(size=V) * 1.5
+    return logits - np.logaddexp.reduce(logits)
+
+
+@given(st.integers(0, 10_000), st.sampled_from(["k1", "k3"]))
+def test_kl_penalty_has_the_right_sign_and_direction_and_is_counted_once_under_masks(seed, estimator):
+    """The KL term is KL(π ‖ π_ref) (samples from π, log π − log π_ref), it lowers the reward, and a
+    token's KL is counted once (marin-community/marin#1708, a KL penalty of the wrong form;
+    huggingface/blog#1208, the sign and direction of the KL penalty in the RLHF diagram)."""
+    log_p, log_q = _categorical(seed), _categorical(seed + 1)
+    # direction: the expectation under π of the per-token estimator is KL(π ‖ π_ref), not KL(π_ref ‖ π)
+    tokens = np.arange(len(log_p))
+    per_token = losses.response_kl(log_p[tokens, None], log_q[tokens, None], np.ones((len(tokens), 1)), estimator)
+    forward = (np.exp(log_p) * (log_p - log_q)).sum()
+    backward = (np.exp(log_q) * (log_q - log_p)).sum()
+    assert (np.exp(log_p) * per_token.numpy()).sum() == pytest.approx(forward, rel=1e-10)
+    assume(abs(forward - backward) > 1e-3)
+    assert (np.exp(log_p) * per_token.numpy()).sum() != pytest.approx(backward, rel=1e-4)
+    # sign and count: with score 0 each response token's reward is exactly −β k, summing to −β · response_kl
+    logp = np.array([[log_p[0], log_p[1], log_p[2], 0.0], [log_p[3], log_p[4], 0.0, 0.0]])
+    ref = np.array([[log_q[0], log_q[1], log_q[2], 5.0], [log_q[3], log_q[4], -5.0, 0.0]])
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0.0]])
+    beta = 0.3
+    rewards = losses.kl_penalty(logp, ref, mask, np.zeros(2), beta, estimator).numpy()
+    k = losses.kl_estimate(logp, ref, estimator).numpy()
+    np.testing.assert_allclose(rewards, -beta * k * mask, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(rewards.sum(axis=1), -beta * losses.response_kl(logp, ref, mask, estimator).numpy(),
+                               rtol=1e-12, atol=1e-15)
+    # in GRPO's loss the k3 term is added once and pulls log π toward log π_ref
+    leaf = t64(logp, grad=True)
+    loss, stats = losses.grpo_loss(leaf, logp, ref, np.zeros(2), mask, beta=beta, loss_type="bnpo")
+    k3 = losses.kl_estimate(logp, ref, "k3").numpy()
+    assert loss.item() == pytest.approx(beta * (k3 * mask).sum() / mask.sum(), rel=1e-12)
+    assert float(stats["kl"]) == pytest.approx((k3 * mask).sum() / mask.sum(), rel=1e-12)
+    loss.backward()
+    above = (mask > 0) & (logp > ref + 1e-9)
+    below = (mask > 0) & (logp < ref - 1e-9)
+    assert (leaf.grad[above] > 0).all() and (leaf.grad[below] < 0).all()   # descent moves log π toward log π_ref
+
+
+NONFINITE = [np.nan, np.inf, -np.inf]
+
+
+@pytest.mark.parametrize("fill", NONFINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", sorted(PADDING_CASES))
+def test_zero_times_nan_never_leaks_through_a_mask_in_any_loss(name, fill):
+    """Masking by multiplication lets 0·NaN = NaN (and 0·inf) through into the loss and its gradient
+    (NVIDIA-NeMo/RL#4120 and NVIDIA-NeMo/Megatron-Bridge#3117 switched to a select): every
+    per-token input, logits included, holds ``fill`` under the mask and nothing changes."""
+    results = []
+    for dirty in (False, True):
+        d, mask = _padded_batch(False)
+        if dirty:
+            off = mask == 0
+            for k in ("logp", "old", "ref", "values", "old_values", "returns", "rewards", "adv"):
+                d[k] = np.where(off, fill, d[k])
+            d["logits"] = np.where(off[..., None], fill, d["logits"])
+            d["ref_logits"] = np.where(off[..., None], fill, d["ref_logits"])
+        leaves = {k: t64(d[k], grad=True) for k in ("logits", "logp", "values")}
+        with np.errstate(over="raise", invalid="raise", divide="raise"):
+            out = PADDING_CASES[name]({**d, **leaves}, mask)
+            if out.requires_grad:
+                out.backward()
+        results.append((out.item(), {k: v.grad for k, v in leaves.items() if v.grad is not None}))
+    (clean, clean_grads), (dirty, dirty_grads) = results
+    assert np.isfinite(dirty) and dirty == clean
+    assert clean_grads.keys() == dirty_grads.keys()
+    for k in clean_grads:
+        np.testing.assert_array_equal(dirty_grads[k], clean_grads[k], err_msg=k)
+
+
+@given(token_batch(B=6, T=4, min_len=1), st.integers(0, 10_000), floats(0.0, 0.5),
+       st.sampled_from(losses.GRPO_LOSS_TYPES), st.sampled_from(["group", "batch", "none"]))
+def test_an_all_equal_reward_group_contributes_only_the_kl_term(batch, seed, beta, loss_type, scale):
+    """A group whose rewards are all equal has advantage 0: its policy-gradient term vanishes and only
+    β·k3 moves its tokens (huggingface/trl#7068: with β > 0 the KL term still acts on such groups;
+    a NaN from std = 0 would instead poison the whole batch)."""
+    logp, mask = batch
+    rng = np.random.default_rng(seed)
+    rewards = np.concatenate([np.full(3, rng.normal()), rng.normal(size=3)])
+    adv = losses.grpo_advantages(rewards, 3, scale=scale).numpy()
+    assert (adv[:3] == 0).all()
+    old = logp + rng.normal(0, 0.3, logp.shape)
+    ref = logp + rng.normal(0, 0.3, logp.shape)
+    leaf = t64(logp, grad=True)
+    losses.grpo_loss(leaf, old, ref, adv, mask, beta=beta, loss_type=loss_type)[0].backward()
+    B, T = mask.shape
+    weight = {"grpo": mask / (mask.sum(axis=1, keepdims=True) * B), "bnpo": mask / mask.sum(),
+              "dr_grpo": mask / (B * T), "dapo": mask / mask.sum()}[loss_type]
+    d_k3 = 1 - np.exp(ref - logp)   # d/d log π of k3 = e^x − 1 − x at x = log π_ref − log π
+    np.testing.assert_allclose(leaf.grad[:3], (beta * weight * d_k3)[:3], rtol=1e-10, atol=1e-14)
