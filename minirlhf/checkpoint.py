@@ -15,15 +15,21 @@ so loading reads bytes and never executes code. A checkpoint directory holds
     trainer_state.json     step, optimizer step and lr, the global RNG state, and the caller's ``extra``
 
 Every file goes to a temporary name in its own folder, is fsync'ed, then renamed into
-place; a directory is written whole under a temporary name and then swapped in, so a
-crash mid-save leaves the previous checkpoint loadable.
+place. A directory X is written whole as ``.X.new`` beside it and swapped in by two
+renames, X → ``.X.old`` and ``.X.new`` → X, after which ``.X.old`` is deleted. A crash
+at any point leaves X holding the previous or the new checkpoint, complete: ``.X.old``
+exists only once ``.X.new`` is complete, so a crash between the two renames is finished
+by the next save or load (see :func:`finish_interrupted_save`), which also says which
+checkpoint X holds. Two processes must not save to the same X at once.
 """
 import json
 import math
 import os
 import shutil
+import stat
 import struct
 import tempfile
+import warnings
 
 import numpy as np
 
@@ -65,27 +71,38 @@ def save_safetensors(path, tensors, metadata=None):
 
 
 def load_safetensors(path):
-    """Read a safetensors file into name → numpy array (BF16 comes back as float32)."""
+    """Read a safetensors file into name → numpy array (BF16 comes back as float32).
+
+    Sizes are checked against the file's length before anything is read, and only regular
+    files are read (a link to /dev/zero would otherwise be read until memory runs out)."""
     with open(path, "rb") as f:
-        buf = f.read()
-    if len(buf) < 8:
-        raise ValueError(f"load_safetensors: {path} is {len(buf)} bytes, too short for the 8-byte header length")
-    (n,) = struct.unpack("<Q", buf[:8])
-    if 8 + n > len(buf):
-        raise ValueError(f"load_safetensors: {path}: header length {n} runs past the end of the file "
-                         f"({len(buf)} bytes); the file is truncated or not safetensors")
-    try:
-        header = json.loads(buf[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"load_safetensors: {path}: the header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"load_safetensors: {path}: the header must be a JSON object, got {type(header).__name__}")
-    data = memoryview(buf)[8 + n:]
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"load_safetensors: {path} is not a regular file (a device, pipe or socket); "
+                             "expected a safetensors file")
+        size = info.st_size
+        if size < 8:
+            raise ValueError(f"load_safetensors: {path} is {size} bytes, too short for the 8-byte header length")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if 8 + n > size:
+            raise ValueError(f"load_safetensors: {path}: header length {n} runs past the end of the file "
+                             f"({size} bytes); the file is truncated or not safetensors")
+        raw_header = f.read(n)
+        try:
+            header = json.loads(raw_header.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"load_safetensors: {path}: the header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"load_safetensors: {path}: the header must be a JSON object, got "
+                             f"{type(header).__name__}")
+        data = memoryview(f.read(size - 8 - n))
+    if len(data) != size - 8 - n:
+        raise ValueError(f"load_safetensors: {path} changed while it was read (expected {size} bytes)")
     out = {}
-    for name, info in header.items():
+    for name, entry in header.items():
         if name == "__metadata__":
             continue
-        out[name] = _read_tensor(path, name, info, data)
+        out[name] = _read_tensor(path, name, entry, data)
     return out
 
 
@@ -147,11 +164,61 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
+def _swap_names(directory):
+    parent, name = os.path.split(directory)
+    return os.path.join(parent, f".{name}.new"), os.path.join(parent, f".{name}.old")
+
+
+def _saved_step(directory):
+    try:
+        with open(os.path.join(directory, "trainer_state.json")) as f:
+            return f" (step {json.load(f)['step']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def finish_interrupted_save(directory):
+    """Bring ``directory`` back to one complete checkpoint after a save that crashed, and say which
+    one it holds: a message (also issued as a warning), or None if no save was interrupted.
+
+    Crashed between the two renames (X missing, ``.X.old`` and ``.X.new`` present): ``.X.new`` is
+    complete, so it becomes X. Crashed after them: ``.X.old`` is deleted, X is the new checkpoint.
+    Crashed while ``.X.new`` was written: it is deleted, X is still the previous checkpoint.
+    """
+    directory = os.path.realpath(directory)
+    new, old = _swap_names(directory)
+    message = None
+    if not os.path.lexists(directory) and os.path.isdir(old):
+        if os.path.isdir(new):
+            os.rename(new, directory)
+            message = f"holds the new checkpoint{_saved_step(directory)}: a save interrupted between its renames " \
+                      "was completed"
+        else:
+            os.rename(old, directory)
+            message = f"holds the previous checkpoint{_saved_step(directory)}: an interrupted save was undone"
+        _fsync_dir(os.path.dirname(directory))
+    elif os.path.isdir(new):
+        shutil.rmtree(new)
+        message = (f"holds the previous checkpoint{_saved_step(directory)}: an unfinished save was discarded"
+                   if os.path.isdir(directory) else "holds no checkpoint: an unfinished first save was discarded")
+    if os.path.isdir(old):
+        shutil.rmtree(old)
+        message = message or f"holds the new checkpoint{_saved_step(directory)}: the previous one, left by an " \
+                             "interrupted save, was deleted"
+    if message is not None:
+        message = f"{directory} {message}"
+        warnings.warn(message, stacklevel=2)
+    return message
+
+
 def _replace_dir(directory, write_into):
-    """Call ``write_into(tmp)`` on a fresh folder beside ``directory``, then swap it in for ``directory``."""
-    directory = os.path.abspath(directory)
+    """Call ``write_into(folder)`` on a fresh ``.X.new`` beside ``directory`` X, then swap it in for X.
+
+    A ``directory`` that is a symlink to a folder is saved into its target (the link stays)."""
+    directory = os.path.realpath(directory)
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
+    finish_interrupted_save(directory)
     if os.path.exists(directory):
         if not os.path.isdir(directory):
             raise ValueError(f"save_checkpoint: {directory} exists and is not a directory")
@@ -159,21 +226,21 @@ def _replace_dir(directory, write_into):
         if foreign:
             raise ValueError(f"save_checkpoint: {directory} holds files that are not part of a checkpoint "
                              f"({foreign}); a checkpoint replaces its whole directory, so pick an empty one")
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.", suffix=".tmp")
+    new, old = _swap_names(directory)
+    os.mkdir(new)
     try:
-        write_into(tmp)
-        _fsync_dir(tmp)
-        if os.path.exists(directory):
-            # rename(2) cannot swap two directories at once: move the old one aside, the new in, then delete the old
-            old = tmp + ".old"
-            os.rename(directory, old)
-            os.rename(tmp, directory)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_into(new)
+        _fsync_dir(new)
+    except Exception:
+        shutil.rmtree(new, ignore_errors=True)
         raise
+    if os.path.exists(directory):
+        os.rename(directory, old)   # from here until the next rename, X is missing: finish_interrupted_save
+        os.rename(new, directory)
+        _fsync_dir(parent)
+        shutil.rmtree(old)
+    else:
+        os.rename(new, directory)
     _fsync_dir(parent)
 
 
@@ -211,18 +278,24 @@ def save_checkpoint(directory, model, optimizer=None, step=0, extra=None):
     _replace_dir(directory, write_into)
 
 
+def _read_json(path, expected=dict):
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, expected):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def read_config(directory):
+    """config.json of the checkpoint in ``directory`` (after finishing a save that was interrupted)."""
+    finish_interrupted_save(directory)
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory} is not a checkpoint: it has no config.json")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object of model settings, got {type(config).__name__}")
-    return config
+    return _read_json(path)
 
 
 def load_weights(directory, model):
@@ -246,15 +319,17 @@ def load_checkpoint(directory, model, optimizer=None):
     path = os.path.join(directory, "trainer_state.json")
     state = {"step": 0, "extra": {}, "rng": None, "optimizer": None}
     if os.path.exists(path):
-        with open(path) as f:
-            state.update(json.load(f))
+        state.update(_read_json(path))
     if optimizer is not None:
         if state["optimizer"] is None:
             raise ValueError(f"load_checkpoint: {directory} was saved without an optimizer; "
                              "call load_checkpoint(directory, model) without one")
-        buffers = load_safetensors(os.path.join(directory, "optimizer.safetensors"))
-        optimizer.load_state_dict({"step": state["optimizer"]["step"], "buffers": buffers,
-                                   "lr": state["optimizer"]["lr"]})
+        buffers_path = os.path.join(directory, "optimizer.safetensors")
+        try:
+            optimizer.load_state_dict({"step": state["optimizer"]["step"], "buffers": load_safetensors(buffers_path),
+                                       "lr": state["optimizer"]["lr"]})
+        except ValueError as e:
+            raise ValueError(f"load_checkpoint: {buffers_path}: {e}") from None
     if state["rng"] is not None:
         set_rng_state(state["rng"])
     return state["step"], state["extra"]

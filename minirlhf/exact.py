@@ -92,7 +92,7 @@ class TabularPolicy(Module):
 
     def sequence_logprobs(self, response_ids=None):
         """log π(y) of the given responses (all if None): (n,)."""
-        return self.token_logprobs(response_ids).sum(axis=1)
+        return losses.sequence_logprobs(*_next_token_logits(self.language, self.logits, response_ids))
 
     def probs(self):
         """π(y) of every response as a NumPy array (S,); it sums to 1."""
@@ -104,12 +104,17 @@ class TabularPolicy(Module):
         return rng.choice(len(p), size=n, p=p / p.sum())
 
 
+def _next_token_logits(language, logits, response_ids):
+    """(logits (n, L, V), tokens (n, L), mask (n, L)) of the given responses (all if None): each
+    position's row of ``logits`` is the one of the prefix before it."""
+    ids = np.arange(language.num_responses) if response_ids is None else np.asarray(response_ids)
+    return F.embedding(language.prefix_ids[ids], logits), language.tokens[ids], language.mask[ids]
+
+
 def tabular_token_logprobs(language, logits, response_ids=None):
     """log π(y_t | y_<t) = log softmax(logits[prefix of y_<t])[y_t] for the given responses (all if
     None), 0 after each one ends: (n, L). ``logits`` is a (prefixes, vocab) Tensor."""
-    ids = np.arange(language.num_responses) if response_ids is None else np.asarray(response_ids)
-    per_position = F.embedding(language.prefix_ids[ids], logits)  # (n, L, V)
-    return losses.token_logprobs(per_position, language.tokens[ids]) * language.mask[ids]
+    return losses.masked_token_logprobs(*_next_token_logits(language, logits, response_ids))
 
 
 def policy_from_sequence_logprobs(language, seq_logp):

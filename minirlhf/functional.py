@@ -67,6 +67,12 @@ def _normalize_axis(axis, ndim):
     return tuple(a % ndim for a in axes)
 
 
+def _check_reduced_axis(x, axis, op):
+    if x.ndim == 0 or any(x.shape[a] == 0 for a in _normalize_axis(axis, x.ndim)):
+        raise ValueError(f"{op}: cannot reduce over an empty axis {axis} of shape {x.shape}; "
+                         "expected at least one entry")
+
+
 # -------------------------------------------------------------- arithmetic
 def add(a, b):
     a, b = _pair(a, b, "add")
@@ -192,6 +198,7 @@ def max(x, axis=None, keepdims=False):
 
 def logsumexp(x, axis=-1, keepdims=False):
     """log Σ exp(x) along ``axis``, with the maximum subtracted first (finite for |x| up to 1e10)."""
+    _check_reduced_axis(x, axis, "logsumexp")
     xp = x.xp
     axes = _normalize_axis(axis, x.ndim)
     m = x.data.max(axis=axes, keepdims=True)
@@ -257,6 +264,25 @@ def softplus(x):
     return Tensor._from_op(out, (x,), lambda g: (g * _sigmoid(xp, x.data),), "softplus")
 
 
+def k3(x):
+    """e^x − 1 − x, Schulman's k3 estimator of KL(π ‖ π_ref) as a function of x = log(π_ref/π)
+    (Schulman 2020, "Approximating KL divergence"). expm1 keeps it exact (and >= 0) near x = 0,
+    where exp(x) − 1 − x cancels to noise or even goes negative. d/dx = expm1(x)."""
+    em1 = x.xp.expm1(x.data)
+    return Tensor._from_op(em1 - x.data, (x,), lambda g: (g * em1,), "k3")
+
+
+def log1mexp(x):
+    """log(1 − e^x) for x < 0 without cancellation (Mächler 2012, "Accurately computing
+    log(1 − exp(−|a|))"): log(−expm1(x)) for x > −log 2, log1p(−e^x) below. d/dx = −1/expm1(−x)."""
+    xp = x.xp
+    d = x.data
+    tiny = np.finfo(d.dtype).tiny
+    out = xp.where(d > -math.log(2), xp.log(-xp.expm1(xp.minimum(d, -tiny))),
+                   xp.log1p(-xp.exp(xp.minimum(d, -math.log(2)))))
+    return Tensor._from_op(out, (x,), lambda g: (-g / xp.expm1(-d),), "log1mexp")
+
+
 def relu(x):
     return Tensor._from_op(x.xp.maximum(x.data, 0), (x,), lambda g: (g * (x.data > 0),), "relu")
 
@@ -277,6 +303,7 @@ def gelu(x):
 
 
 def softmax(x, axis=-1):
+    _check_reduced_axis(x, axis, "softmax")
     xp = x.xp
     z = x.data - x.data.max(axis=axis, keepdims=True)
     e = xp.exp(z)
@@ -286,6 +313,7 @@ def softmax(x, axis=-1):
 
 def log_softmax(x, axis=-1):
     """x − logsumexp(x): the maximum is subtracted first, so logits of ±1e4 stay finite."""
+    _check_reduced_axis(x, axis, "log_softmax")
     xp = x.xp
     z = x.data - x.data.max(axis=axis, keepdims=True)
     out = z - xp.log(xp.exp(z).sum(axis=axis, keepdims=True))
@@ -694,6 +722,7 @@ def token_logprobs(logits, targets):
         raise ValueError(f"token_logprobs: targets shape {idx.shape} must equal logits shape without its last "
                          f"axis {logits.shape[:-1]}")
     V = logits.shape[-1]
+    _check_reduced_axis(logits, -1, "token_logprobs")
     if idx.size and not backend.is_cupy_array(idx) and (idx.min() < 0 or idx.max() >= V):
         raise IndexError(f"token_logprobs: targets must lie in [0, {V}), got min {int(idx.min())} "
                          f"max {int(idx.max())}")
@@ -708,10 +737,11 @@ def token_logprobs(logits, targets):
     xp = logits.xp
     x = logits.data
     m = x.max(axis=-1, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0)
     e = xp.exp(x - m)
     s = e.sum(axis=-1, keepdims=True)
-    lse = (xp.log(s) + m)[..., 0]
-    out = xp.take_along_axis(x, idx[..., None], axis=-1)[..., 0] - lse
+    # (x_t − m) − log s, not x_t − (m + log s): at |x| ~ 1e30 the sum m + log s rounds log s away
+    out = (xp.take_along_axis(x, idx[..., None], axis=-1) - m)[..., 0] - xp.log(s)[..., 0]
 
     def backward(g):
         grad = -(e / s) * g[..., None]

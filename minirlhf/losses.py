@@ -1,5 +1,37 @@
 """Every RLHF loss, one function each, with its formula and paper in the docstring.
 
+The equations, in the order of this file. m_t is the response mask, log r_t = log π(y_t) −
+log π_ref(y_t), ρ_t = π(y_t)/π_old(y_t), σ the logistic function, A an advantage:
+
+  masked_token_logprobs  m_t · log π(y_t | x, y_<t)
+  sequence_logprobs      log π(y|x) = Σ_t m_t log π(y_t | x, y_<t)
+  masked_mean            Σ m x / Σ m
+  whiten                 (x − μ) / (σ + eps) over the masked-in entries
+  sft_loss               −Σ m log π(y_t) / Σ m                          InstructGPT (Ouyang et al. 2022), §3.5
+  bradley_terry_loss     −log σ(r_w − r_l − margin)                     Ouyang et al. 2022, eq. 1
+  kl_exact               Σ_v π(v) log(π(v)/π_ref(v))
+  kl_estimate            k1 = log r,  k2 = ½ (log r)²,  k3 = 1/r − 1 + log r    Schulman 2020
+  response_kl            Σ_t m_t k(y_t)
+  kl_penalty             r_t = −β k(y_t) + [t last] · score             Ziegler et al. 2019, eq. 2
+  AdaptiveKLController   β ← β (1 + clip(KL/target − 1, ±0.2) · n/H)    Ziegler et al. 2019, §2.2
+  rloo_advantages        A_i = r_i − mean_{j≠i} r_j                      Kool et al. 2019; Ahmadian et al. 2024
+  reinforce_loss         −mean_i (R_i − b_i) Σ_t m log π(y_t)            Williams 1992
+  gae                    A_t = δ_t + γλ A_{t+1},  δ_t = r_t + γ V_{t+1} − V_t     Schulman et al. 2016, eq. 16
+  reinforce_pp_advantages  whiten(Σ_{s>=t} γ^{s−t} r_s)                  Hu 2025 (REINFORCE++)
+  ppo_policy_loss        −min(ρ A, clip(ρ, 1−ε, 1+ε) A)                  Schulman et al. 2017, eq. 7
+  ppo_value_loss         ½ max((V − R)², (V_clip − R)²)                  Schulman et al. 2017; baselines' ppo2
+  entropy                −Σ_v π(v) log π(v)                              Schulman et al. 2017, eq. 9
+  grpo_advantages        (r_i − mean_group r) / (std + eps)              Shao et al. 2024, §4.1.2
+  grpo_loss              −min(ρ A, clip(ρ, 1−ε, 1+ε) A) + β k3           Shao et al. 2024, eqs. 3–4
+  gspo_loss              the same with s_i = exp(mean_t log ρ_t)         Zheng et al. 2025
+  dpo_loss               −log σ(β h),  h = log π/π_ref (y_w) − log π/π_ref (y_l)   Rafailov et al. 2023, eq. 7
+  simpo_loss             −log σ(β/|y_w| log π(y_w) − β/|y_l| log π(y_l) − γ)      Meng et al. 2024, eq. 6
+  orpo_loss              NLL(y_w) − λ log σ(log odds(y_w) − log odds(y_l))        Hong et al. 2024, eqs. 6–7
+  kto_loss               λ_y − v(y),  v = λ σ(±β(log r − z0))            Ethayarajh et al. 2024, §4
+
+Argument checks and conversions live in ``minirlhf/_checks.py``; the differentiable pieces
+the losses share (token_logprobs, k3, log1mexp) in ``minirlhf/functional.py``.
+
 Conventions (shared by every function below):
 
 * Per-token quantities are Tensors of shape (B, T) — ``logp[i, t] = log π(y_t | x, y_<t)``
@@ -22,104 +54,22 @@ import numpy as np
 from . import backend
 from . import functional as F
 from .tensor import Tensor
+from ._checks import (_array, _check_clip, _check_finite, _check_nonnegative, _check_option, _check_positive, _const,
+                      _groups, _mask, _num_tokens, _per_sequence, _per_token, _tensor)
 
 token_logprobs = F.token_logprobs
+log1mexp = F.log1mexp
+_k3_op = F.k3
 
 # |log-ratio| above this is clipped before exp(): e^20 ≈ 4.9e8 is already far outside any
 # trust region, and float32 exp overflows at 88.
 MAX_LOG_RATIO = 20.0
 
 
-# ------------------------------------------------------------ plumbing
-def _tensor(x, name):
-    if isinstance(x, Tensor):
-        return x
-    if not (isinstance(x, np.ndarray) or backend.is_cupy_array(x)):
-        x = np.asarray(x)
-    if x.dtype.kind != "f":
-        raise TypeError(f"{name}: expected floating values, got dtype {x.dtype}")
-    return Tensor(x, dtype=x.dtype)
-
-
-def _array(x, like):
-    """``x`` (array, list or Tensor) as an array on ``like``'s device, dtype unchanged."""
-    data = x.data if isinstance(x, Tensor) else x
-    if not (isinstance(data, np.ndarray) or backend.is_cupy_array(data)):
-        data = np.asarray(data)
-    return backend.to_device(data, like.device) if backend.device_of(data) != like.device else data
-
-
-def _const(x, like, name, shape=None):
-    """``x`` as a detached Tensor with ``like``'s dtype and device (optionally checking its shape)."""
-    data = _array(x, like)
-    if shape is not None and tuple(data.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(data.shape)}")
-    return Tensor(like.xp.asarray(data, dtype=like.dtype), dtype=like.dtype)
-
-
-def _mask(mask, like, name="mask", shape=None):
-    """The mask as a 0/1 float array of ``like``'s dtype and device; its shape must equal
-    ``shape`` (default: ``like``'s)."""
-    m = _array(mask, like)
-    shape = tuple(like.shape if shape is None else shape)
-    if tuple(m.shape) != shape:
-        raise ValueError(f"{name}: shape {tuple(m.shape)} does not match the per-token values' shape "
-                         f"{shape}; expected the same (B, T)")
-    return (m != 0).astype(like.dtype)
-
-
+# ------------------------------------------------- masks (the conventions above)
 def _keep(x, m):
     """x where the mask is 1, else 0; no gradient reaches (and no NaN leaks from) masked positions."""
     return F.where(m > 0, x, 0.0)
-
-
-def _per_sequence(x, like, name):
-    """A per-sequence value (B,) or per-token one (B, T) as a detached Tensor broadcastable to (B, T)."""
-    t = _const(x, like, name)
-    if t.shape == (like.shape[0],):
-        return t.reshape(like.shape[0], 1)
-    if t.shape != like.shape:
-        raise ValueError(f"{name}: expected shape ({like.shape[0]},) or {tuple(like.shape)}, got {t.shape}")
-    return t
-
-
-def _check_positive(value, name):
-    if not value > 0:
-        raise ValueError(f"{name}: must be > 0, got {value}")
-
-
-def _check_nonnegative(value, name):
-    if not value >= 0:
-        raise ValueError(f"{name}: must be >= 0, got {value}")
-
-
-def _check_clip(clip_eps, clip_eps_high):
-    if not 0 < clip_eps < 1:
-        raise ValueError(f"clip_eps: must lie in (0, 1), got {clip_eps}")
-    if clip_eps_high is None:
-        return clip_eps
-    if not 0 < clip_eps_high:
-        raise ValueError(f"clip_eps_high: must be > 0, got {clip_eps_high}")
-    return clip_eps_high
-
-
-def _check_option(value, options, name):
-    if value not in options:
-        raise ValueError(f"{name}: unknown value {value!r}; expected one of {', '.join(map(repr, options))}")
-
-
-def _groups(rewards, group_size, name="group_size"):
-    """(B,) rewards as (B // G, G): consecutive rows are the G samples of one prompt."""
-    if rewards.ndim != 1:
-        raise ValueError(f"rewards: expected shape (B,), got {rewards.shape}")
-    B = rewards.shape[0]
-    if group_size is None:
-        group_size = B
-    if not isinstance(group_size, (int, np.integer)) or group_size < 2:
-        raise ValueError(f"{name}: must be an integer >= 2, got {group_size!r}")
-    if B % group_size:
-        raise ValueError(f"{name}: {group_size} does not divide the batch size {B}")
-    return rewards.reshape(B // group_size, group_size)
 
 
 def _safe_log_ratio(logp, base_logp):
@@ -130,6 +80,20 @@ def _fraction(flags, m):
     """Share of masked-in positions where ``flags`` holds (a 0-d array; 0 for an empty mask)."""
     xp = backend.get_array_module(m)
     return (flags * m).sum() / xp.maximum(m.sum(), 1.0)
+
+
+def _row_mean(x):
+    """Mean over the rows (pairs, sequences) of x, Tensor or array; 0 for a batch of no rows."""
+    return x.sum() / max(x.shape[0], 1)
+
+
+def _unbiased_std(centred, n, axis):
+    """sqrt(Σ c² / (n − 1)) of n values already centred (0 where masked out), computed as s · std(c/s)
+    with s = max |c| so that the squares cannot overflow (float32 rewards of 1e20 square to inf)."""
+    xp = backend.get_array_module(centred)
+    s = xp.abs(centred).max(axis=axis, keepdims=axis is not None)
+    u = centred / xp.where(s > 0, s, 1)
+    return s * xp.sqrt((u * u).sum(axis=axis, keepdims=axis is not None) / xp.maximum(n - 1, 1.0))
 
 
 # ------------------------------------------------------- log-probs and means
@@ -189,26 +153,11 @@ def whiten(x, mask, eps=1e-8):
     n = m.sum()
     mean = xp.where(keep, x.data, 0).sum() / xp.maximum(n, 1.0)
     centred = xp.where(keep, x.data - mean, 0)
-    # σ = s·std(centred / s) with s = max |centred|: the squares cannot overflow, even in float32
-    s = xp.abs(centred).max()
-    u = centred / xp.where(s > 0, s, 1)
-    std = s * xp.sqrt((u * u).sum() / xp.maximum(n - 1, 1.0))
+    std = _unbiased_std(centred, n, axis=None)
     first = x.data.reshape(-1)[xp.argmax(keep.reshape(-1))]
     constant = xp.where(keep, x.data, first).min() == xp.where(keep, x.data, first).max()
     out = xp.where(keep & ~constant, centred / (std + eps), 0)
     return Tensor(out.astype(x.dtype, copy=False), dtype=x.dtype)
-
-
-def _num_tokens(num_tokens, m):
-    """The token-mean denominator: Σ mask (at least 1), or ``num_tokens`` where the mean runs over
-    more tokens than this batch holds (every micro-batch of an accumulated step)."""
-    if num_tokens is None:
-        return backend.get_array_module(m).maximum(m.sum(), 1.0)
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, float, np.integer, np.floating)) \
-            or not 0 < num_tokens < math.inf:
-        raise ValueError(f"num_tokens: expected a positive finite number (the token count of the whole "
-                         f"accumulated batch), got {num_tokens!r}")
-    return float(num_tokens)
 
 
 def sft_loss(logits, targets, mask, num_tokens=None):
@@ -247,8 +196,8 @@ def bradley_terry_loss(r_chosen, r_rejected, margin=None):
         if margin.shape not in ((), z.shape):
             raise ValueError(f"margin: expected a number or shape {z.shape}, got shape {margin.shape}")
         z = z - margin
-    loss = -F.log_sigmoid(z).mean()
-    accuracy = (r_chosen.data > r_rejected.data).astype(z.dtype).mean()
+    loss = _row_mean(-F.log_sigmoid(z))
+    accuracy = _row_mean((r_chosen.data > r_rejected.data).astype(z.dtype))
     return loss, accuracy
 
 
@@ -266,15 +215,10 @@ def kl_exact(logits, ref_logits, mask=None):
         ref_logits = F.where(keep[..., None], ref_logits, 0.0)
     logp = F.log_softmax(logits, axis=-1)
     ref_logp = F.log_softmax(ref_logits, axis=-1)
-    return (logp.exp() * (logp - ref_logp)).sum(axis=-1)
-
-
-def _k3_op(x):
-    """e^x − 1 − x for x = log(π_ref/π), as one op: expm1 keeps it exact (and >= 0) near x = 0,
-    where exp(x) − 1 − x would cancel to noise or even go negative. d/dx = expm1(x)."""
-    xp = x.xp
-    em1 = xp.expm1(x.data)
-    return Tensor._from_op(em1 - x.data, (x,), lambda g: (g * em1,), "k3")
+    # a banned token (logit −inf) has π(v) = 0 and adds 0, not 0·(−inf)
+    banned = logp.data == -math.inf
+    log_ratio = F.where(banned, 0.0, logp) - F.where(banned, 0.0, ref_logp)
+    return (logp.exp() * log_ratio).sum(axis=-1)
 
 
 def kl_estimate(logp, ref_logp, estimator="k1"):
@@ -297,7 +241,7 @@ def kl_estimate(logp, ref_logp, estimator="k1"):
         return log_ratio
     if estimator == "k2":
         return 0.5 * log_ratio * log_ratio
-    return _k3_op(F.clip(-log_ratio, None, MAX_LOG_RATIO))
+    return F.k3(F.clip(-log_ratio, None, MAX_LOG_RATIO))
 
 
 def response_kl(logp, ref_logp, mask, estimator="k1"):
@@ -307,7 +251,7 @@ def response_kl(logp, ref_logp, mask, estimator="k1"):
     logp (B, T) with or without gradient (it flows through, as in kl_estimate); ref_logp (B, T)
     detached; mask (B, T). What sits under the mask is never read. Returns (B,).
     """
-    logp = _tensor(logp, "logp")
+    logp = _per_token(logp, "logp")
     m = _mask(mask, logp)
     ref_logp = _const(ref_logp, logp, "ref_logp", logp.shape)
     return _keep(kl_estimate(_keep(logp, m), _keep(ref_logp, m), estimator), m).sum(axis=1)
@@ -324,11 +268,13 @@ def kl_penalty(logp, ref_logp, mask, scores, beta, estimator="k1"):
     detached: these are rewards for GAE, not a loss. Returns (B, T), 0 under the mask.
     """
     _check_nonnegative(beta, "beta")
-    logp = _tensor(logp, "logp").detach()
+    logp = _per_token(logp, "logp").detach()
     m = _mask(mask, logp)
     scores = _const(scores, logp, "scores", (logp.shape[0],))
     k = kl_estimate(_keep(logp, m), _keep(_const(ref_logp, logp, "ref_logp", logp.shape), m), estimator)
     xp = logp.xp
+    if logp.shape[1] == 0:
+        return Tensor(xp.zeros(logp.shape, dtype=logp.dtype), dtype=logp.dtype)
     t = xp.arange(logp.shape[1])
     last = (m * t).max(axis=1)
     at_last = ((t[None, :] == last[:, None]) & (m.sum(axis=1) > 0)[:, None]).astype(logp.dtype)
@@ -356,7 +302,9 @@ class AdaptiveKLController:
     def update(self, measured_kl, n_steps):
         """Move β toward keeping KL at target after ``n_steps`` samples; returns the new β."""
         _check_nonnegative(n_steps, "n_steps")
-        error = min(max(float(measured_kl) / self.target - 1.0, -0.2), 0.2)
+        measured_kl = float(measured_kl)
+        _check_finite(measured_kl, "measured_kl")  # one NaN would make β NaN for every later step
+        error = min(max(measured_kl / self.target - 1.0, -0.2), 0.2)
         self.beta *= 1.0 + error * n_steps / self.horizon
         return self.beta
 
@@ -390,7 +338,7 @@ def reinforce_loss(logp, rewards, mask, baseline=None, group_size=None):
     group_size: samples per prompt (consecutive rows); None means the whole batch is one group.
     """
     _check_option(baseline, (None, "mean", "rloo"), "baseline")
-    logp = _tensor(logp, "logp")
+    logp = _per_token(logp, "logp")
     m = _mask(mask, logp)
     R = _const(rewards, logp, "rewards", (logp.shape[0],))
     if baseline == "mean":
@@ -400,7 +348,7 @@ def reinforce_loss(logp, rewards, mask, baseline=None, group_size=None):
         advantages = rloo_advantages(R, group_size)
     else:
         advantages = R
-    return -(advantages * _keep(logp, m).sum(axis=1)).mean()
+    return -_row_mean(advantages * _keep(logp, m).sum(axis=1))
 
 
 def gae(rewards, values, mask, gamma=1.0, lam=0.95):
@@ -418,7 +366,7 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
         raise ValueError(f"gamma: must lie in [0, 1], got {gamma}")
     if not 0 <= lam <= 1:
         raise ValueError(f"lam: must lie in [0, 1], got {lam}")
-    values = _tensor(values, "values").detach()
+    values = _per_token(values, "values").detach()
     m = _mask(mask, values)
     r = _keep(_const(rewards, values, "rewards", values.shape), m).data
     v = _keep(values, m).data
@@ -479,9 +427,9 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps=0.2, clip_eps_hig
     branch is active, stats["approx_kl"] the k3 estimate of KL(π_old ‖ π) = mean(ρ − 1 − log ρ).
     """
     eps_high = _check_clip(clip_eps, clip_eps_high)
-    if dual_clip is not None and not dual_clip > 1:
+    if dual_clip is not None and not 1 < dual_clip < math.inf:
         raise ValueError(f"dual_clip: must be > 1 (the lower bound c on −A·ratio), got {dual_clip}")
-    logp = _tensor(logp, "logp")
+    logp = _per_token(logp, "logp")
     m = _mask(mask, logp)
     old_logp = _const(old_logp, logp, "old_logp", logp.shape)
     A = _keep(_per_sequence(advantages, logp, "advantages"), m)
@@ -491,7 +439,7 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps=0.2, clip_eps_hig
     if dual_clip is not None:
         per_token = F.where(A.data < 0, F.minimum(per_token, -dual_clip * A), per_token)
     xp = logp.xp
-    loss = _keep(per_token, m).sum() / xp.maximum(m.sum(), 1.0)
+    loss = masked_mean(per_token, m)
     stats = {"clip_fraction": _fraction(clipped, m),
              "approx_kl": _fraction(xp.expm1(log_ratio.data) - log_ratio.data, m)}
     return loss, stats
@@ -506,14 +454,14 @@ def ppo_value_loss(values, old_values, returns, mask, clip_eps=0.2):
     returns (B, T) targets R (from gae); mask (B, T); clip_eps > 0 in units of value.
     """
     _check_positive(clip_eps, "clip_eps")
-    values = _tensor(values, "values")
+    values = _per_token(values, "values")
     m = _mask(mask, values)
     old = _keep(_const(old_values, values, "old_values", values.shape), m)
     R = _keep(_const(returns, values, "returns", values.shape), m)
     V = _keep(values, m)
     V_clip = old + F.clip(V - old, -clip_eps, clip_eps)
     per_token = F.maximum((V - R) ** 2, (V_clip - R) ** 2)
-    return 0.5 * _keep(per_token, m).sum() / values.xp.maximum(m.sum(), 1.0)
+    return 0.5 * masked_mean(per_token, m)
 
 
 def entropy(logits, mask):
@@ -525,8 +473,8 @@ def entropy(logits, mask):
     keep = _mask(mask, logits, shape=logits.shape[:-1])
     logits = F.where(keep[..., None] > 0, logits, 0.0)
     logp = F.log_softmax(logits, axis=-1)
-    H = -(logp.exp() * logp).sum(axis=-1)
-    return _keep(H, keep).sum() / logits.xp.maximum(keep.sum(), 1.0)
+    H = -(logp.exp() * F.where(logp.data == -math.inf, 0.0, logp)).sum(axis=-1)  # a banned token adds 0
+    return masked_mean(H, keep)
 
 
 # ----------------------------------------------------------------- GRPO
@@ -545,22 +493,28 @@ def grpo_advantages(rewards, group_size, scale="group", eps=1e-4):
     r = _tensor(rewards, "rewards").detach()
     g = _groups(r, group_size).data
     xp = r.xp
+    bad = ~xp.isfinite(r.data)
+    if bad.any():  # one host sync on the GPU: a NaN reward would silently zero or skew its group
+        raise ValueError(f"rewards: must be finite, got {r.data[bad][:3].tolist()} at rows "
+                         f"{xp.flatnonzero(bad)[:3].tolist()}")
     constant = g.max(axis=1, keepdims=True) == g.min(axis=1, keepdims=True)
     centered = xp.where(constant, 0, g - g.mean(axis=1, keepdims=True))
     if scale != "none":
-        std = g.std(axis=1, ddof=1, keepdims=True) if scale == "group" else r.data.std(ddof=1)
+        if scale == "group":
+            std = _unbiased_std(centered, g.shape[1], axis=1)
+        else:
+            std = _unbiased_std(r.data - r.data.mean(), r.shape[0], axis=None)
         # a constant group is already exactly 0; dividing it by std + eps = 0 would make NaN
         centered = centered / xp.where(std + eps > 0, std + eps, 1)
     return Tensor(centered.reshape(r.shape[0]), dtype=r.dtype)
 
 
 def _aggregate(per_token, m, loss_type, num_tokens=None):
-    xp = backend.get_array_module(m)
     masked = _keep(per_token, m)
     if loss_type == "grpo":
-        return (masked.sum(axis=1) / xp.maximum(m.sum(axis=1), 1.0)).mean()
+        return _row_mean(masked_mean(per_token, m, axis=1))
     if loss_type == "dr_grpo":
-        return masked.sum() / (m.shape[0] * m.shape[1])
+        return masked.sum() / max(m.shape[0] * m.shape[1], 1)
     return masked.sum() / _num_tokens(num_tokens, m)
 
 
@@ -597,7 +551,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04, clip_eps=0.
                          f"{loss_type!r}")
     _check_nonnegative(beta, "beta")
     eps_high = _check_clip(clip_eps, clip_eps_high)
-    logp = _tensor(logp, "logp")
+    logp = _per_token(logp, "logp")
     m = _mask(mask, logp)
     old_logp = _keep(_const(old_logp, logp, "old_logp", logp.shape), m)
     A = _keep(_per_sequence(advantages, logp, "advantages"), m)
@@ -630,12 +584,12 @@ def gspo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, clip_eps=3e-
 
     the geometric mean of the token ratios, clipped as a whole (the paper's ε are ~3e-4 and
     4e-4 because s_i is length-normalised). Arguments as in grpo_loss, with advantages (B,);
-    beta defaults to 0 (the paper uses no KL term). Returns (loss, stats) with clip_fraction
-    (share of sequences clipped) and kl.
+    beta defaults to 0 (the paper uses no KL term). A response with no tokens adds 0. Returns
+    (loss, stats) with clip_fraction (share of non-empty sequences clipped) and kl.
     """
     _check_nonnegative(beta, "beta")
     eps_high = _check_clip(clip_eps, clip_eps_high)
-    logp = _tensor(logp, "logp")
+    logp = _per_token(logp, "logp")
     m = _mask(mask, logp)
     xp = logp.xp
     A = _const(advantages, logp, "advantages", (logp.shape[0],))
@@ -645,8 +599,10 @@ def gspo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, clip_eps=3e-
     seq_log_ratio = (logp - old_logp).sum(axis=1) / lengths
     s = F.clip(seq_log_ratio, -MAX_LOG_RATIO, MAX_LOG_RATIO).exp()
     per_seq, clipped = _clipped_surrogate(s, A, clip_eps, eps_high)
-    loss = per_seq.mean()
-    stats = {"clip_fraction": clipped.astype(logp.dtype).mean()}
+    # a response with no tokens has no ratio: it adds 0 (not −A_i/B) and is not counted as clipped
+    nonempty = (m.sum(axis=1) > 0).astype(logp.dtype)
+    loss = _row_mean(_keep(per_seq, nonempty))
+    stats = {"clip_fraction": _fraction(clipped, nonempty)}
     k3 = _reference_k3(logp, ref_logp, m, beta, stats)
     if k3 is not None and beta != 0:
         loss = loss + beta * _aggregate(k3, m, "grpo")
@@ -705,7 +661,7 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_ty
         per_pair = F.relu(1 - z)
     else:
         per_pair = (h - 1 / (2 * beta)) ** 2
-    return per_pair.mean(), beta * chosen_log_ratio.detach(), beta * rejected_log_ratio.detach()
+    return _row_mean(per_pair), beta * chosen_log_ratio.detach(), beta * rejected_log_ratio.detach()
 
 
 def simpo_loss(pi_chosen, pi_rejected, len_chosen, len_rejected, beta=2.0, gamma=1.0):
@@ -718,6 +674,7 @@ def simpo_loss(pi_chosen, pi_rejected, len_chosen, len_rejected, beta=2.0, gamma
     (loss, chosen_rewards, rejected_rewards) with the detached rewards β/|y| · log π(y).
     """
     _check_positive(beta, "beta")
+    _check_finite(gamma, "gamma")
     pi_chosen = _tensor(pi_chosen, "pi_chosen")
     pi_rejected = _tensor(pi_rejected, "pi_rejected")
     shape = pi_chosen.shape
@@ -725,19 +682,8 @@ def simpo_loss(pi_chosen, pi_rejected, len_chosen, len_rejected, beta=2.0, gamma
     len_l = _const(len_rejected, pi_chosen, "len_rejected", shape)
     chosen = beta * pi_chosen / F.maximum(len_w, 1.0)
     rejected = beta * pi_rejected / F.maximum(len_l, 1.0)
-    loss = -F.log_sigmoid(chosen - rejected - gamma).mean()
+    loss = _row_mean(-F.log_sigmoid(chosen - rejected - gamma))
     return loss, chosen.detach(), rejected.detach()
-
-
-def log1mexp(x):
-    """log(1 − e^x) for x < 0 without cancellation (Mächler 2012): log(−expm1(x)) for x > −log 2,
-    log1p(−e^x) below. d/dx = −1/expm1(−x)."""
-    xp = x.xp
-    d = x.data
-    tiny = np.finfo(d.dtype).tiny
-    out = xp.where(d > -math.log(2), xp.log(-xp.expm1(xp.minimum(d, -tiny))),
-                   xp.log1p(-xp.exp(xp.minimum(d, -math.log(2)))))
-    return Tensor._from_op(out, (x,), lambda g: (-g / xp.expm1(-d),), "log1mexp")
 
 
 def orpo_loss(logp_chosen, logp_rejected, mask_chosen, mask_rejected, lam=0.1):
@@ -753,25 +699,24 @@ def orpo_loss(logp_chosen, logp_rejected, mask_chosen, mask_rejected, lam=0.1):
     Returns (loss, stats) with nll, odds_ratio_loss and log_odds_ratio (0-d arrays).
     """
     _check_nonnegative(lam, "lam")
-    logp_chosen = _tensor(logp_chosen, "logp_chosen")
-    logp_rejected = _tensor(logp_rejected, "logp_rejected")
+    logp_chosen = _per_token(logp_chosen, "logp_chosen")
+    logp_rejected = _per_token(logp_rejected, "logp_rejected")
     if logp_rejected.shape[0] != logp_chosen.shape[0]:
         raise ValueError(f"logp_rejected: batch size {logp_rejected.shape[0]} does not match logp_chosen's "
                          f"{logp_chosen.shape[0]}")
     m_w = _mask(mask_chosen, logp_chosen, "mask_chosen")
     m_l = _mask(mask_rejected, logp_rejected, "mask_rejected")
-    xp = logp_chosen.xp
     below_zero = -float(np.finfo(logp_chosen.dtype).eps)
 
     def log_odds(logp, m):
-        mean_logp = _keep(logp, m).sum(axis=1) / xp.maximum(m.sum(axis=1), 1.0)
+        mean_logp = masked_mean(logp, m, axis=1)
         mean_logp = F.clip(mean_logp, None, below_zero)
-        return mean_logp - log1mexp(mean_logp)
+        return mean_logp - F.log1mexp(mean_logp)
 
     log_odds_ratio = log_odds(logp_chosen, m_w) - log_odds(logp_rejected, m_l)
-    odds_ratio_loss = -F.log_sigmoid(log_odds_ratio).mean()
-    nll = -_keep(logp_chosen, m_w).sum() / xp.maximum(m_w.sum(), 1.0)
-    stats = {"nll": nll.data, "odds_ratio_loss": odds_ratio_loss.data, "log_odds_ratio": log_odds_ratio.data.mean()}
+    odds_ratio_loss = _row_mean(-F.log_sigmoid(log_odds_ratio))
+    nll = -masked_mean(logp_chosen, m_w)
+    stats = {"nll": nll.data, "odds_ratio_loss": odds_ratio_loss.data, "log_odds_ratio": _row_mean(log_odds_ratio.data)}
     return nll + lam * odds_ratio_loss, stats
 
 
@@ -803,4 +748,4 @@ def kto_loss(pi_logp, ref_logp, desirable, z0, beta=0.1, desirable_weight=1.0, u
     value = F.where(d, desirable_weight * F.sigmoid(beta * (log_ratio - z0)),
                     undesirable_weight * F.sigmoid(beta * (z0 - log_ratio)))
     weight = pi_logp.xp.where(d, desirable_weight, undesirable_weight).astype(pi_logp.dtype)
-    return (weight - value).mean(), beta * log_ratio.detach()
+    return _row_mean(weight - value), beta * log_ratio.detach()

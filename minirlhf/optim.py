@@ -10,6 +10,13 @@ from . import backend
 from .tensor import no_grad
 
 
+def _check_finite_nonnegative(value, what):
+    """A NaN or inf setting would turn every parameter into NaN at the first step: refuse it here."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not 0 <= value < math.inf:
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+
+
 class Optimizer:
     def __init__(self, params, defaults):
         params = list(params)
@@ -24,8 +31,8 @@ class Optimizer:
             g["params"] = list(g["params"])
             self.param_groups.append(g)
         for g in self.param_groups:
-            if g["lr"] < 0:
-                raise ValueError(f"{type(self).__name__}: lr must be >= 0, got {g['lr']}")
+            for name in ("lr", "weight_decay"):
+                _check_finite_nonnegative(g[name], f"{type(self).__name__}: {name}")
         self.state = {}
         self.step_count = 0
 
@@ -48,18 +55,26 @@ class Optimizer:
                 out[f"{k}.{name}"] = np.asarray(buf, dtype=np.int64) if name == "step" else buf
         return {"step": self.step_count, "buffers": out, "lr": [g["lr"] for g in self.param_groups]}
 
+    BUFFERS = ()  # the per-parameter state an optimizer keeps, by name
+
     def load_state_dict(self, state):
+        """Restore what state_dict returned; buffer names must be "<parameter index>.<buffer>"."""
         params = [p for g in self.param_groups for p in g["params"]]
-        self.state = {}
+        loaded = {}
         for key, buf in state["buffers"].items():
-            k, name = key.split(".", 1)
+            k, _, name = str(key).partition(".")
+            if not (k.isdigit() and int(k) < len(params) and name in self.BUFFERS):
+                raise ValueError(f"load_state_dict: buffer name {key!r} is not '<parameter index>.<buffer>' with an "
+                                 f"index below {len(params)} and a buffer of {type(self).__name__} "
+                                 f"({', '.join(self.BUFFERS)})")
             p = params[int(k)]
             if name == "step":
-                self.state.setdefault(id(p), {})[name] = int(buf)
+                loaded.setdefault(id(p), {})[name] = int(buf)
                 continue
             if tuple(buf.shape) != p.shape:
                 raise ValueError(f"load_state_dict: buffer {key} has shape {tuple(buf.shape)}, parameter {p.shape}")
-            self.state.setdefault(id(p), {})[name] = p.xp.asarray(buf, dtype=p.dtype).copy()
+            loaded.setdefault(id(p), {})[name] = p.xp.asarray(buf, dtype=p.dtype).copy()
+        self.state = loaded
         self.step_count = int(state["step"])
         for g, lr in zip(self.param_groups, state.get("lr", [])):
             g["lr"] = lr
@@ -67,6 +82,8 @@ class Optimizer:
 
 class SGD(Optimizer):
     """p ← p − lr·b, b ← momentum·b + (g + weight_decay·p) (torch.optim.SGD without dampening)."""
+
+    BUFFERS = ("momentum",)
 
     def __init__(self, params, lr=1e-2, momentum=0.0, weight_decay=0.0):
         if not 0 <= momentum < 1:
@@ -96,11 +113,13 @@ class AdamW(Optimizer):
     p ← p − lr · (m / (1−β₁ᵗ)) / (√(v / (1−β₂ᵗ)) + ε)
     """
 
+    BUFFERS = ("m", "v", "step")
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"AdamW: betas must be in [0, 1), got {betas}")
-        if eps <= 0:
-            raise ValueError(f"AdamW: eps must be > 0, got {eps}")
+        if not 0 < eps < math.inf:
+            raise ValueError(f"AdamW: eps must be a finite number > 0, got {eps}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     @no_grad()
@@ -132,6 +151,7 @@ def clip_grad_norm_(params, max_norm):
 
     The norm is returned as a 0-d array of the gradients' backend (no device sync).
     """
+    _check_finite_nonnegative(max_norm, "clip_grad_norm_: max_norm")
     params = list(params)
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:

@@ -6,30 +6,39 @@ gradient ``g`` to one gradient per input. ``Tensor.backward`` sorts the graph
 topologically (iteratively: a 20,000-op chain is fine), runs the closures from
 the output back to the leaves, sums each gradient back to its input's shape
 (broadcasting), and accumulates gradients of tensors used more than once.
+
+Each tensor counts its in-place updates (``_version``; assigning ``t.data``, which
+``p.data -= lr * g`` does, is one). An op records its inputs' versions, and
+backward refuses an input that changed since, as PyTorch does: an optimizer step
+between a forward and its backward would otherwise give gradients at the new weights.
+
+This module and ``functional.py`` import each other, the one circle in the package:
+the Tensor's operators (``a + b``, ``x.sum()``) are the ops of ``functional``, and
+those ops build Tensors.
 """
 import contextlib
+import threading
 
 import numpy as np
 
 from . import backend
 
 DEFAULT_DTYPE = np.float32
-_grad_enabled = True
+_mode = threading.local()  # per thread, as in PyTorch: another thread's no_grad() leaves this one alone
 
 
 @contextlib.contextmanager
 def no_grad():
-    """Ops inside this block build no graph (inference, rollouts, reference models)."""
-    global _grad_enabled
-    previous, _grad_enabled = _grad_enabled, False
+    """Ops inside this block build no graph (inference, rollouts, reference models); in this thread only."""
+    previous, _mode.grad_enabled = is_grad_enabled(), False
     try:
         yield
     finally:
-        _grad_enabled = previous
+        _mode.grad_enabled = previous
 
 
 def is_grad_enabled():
-    return _grad_enabled
+    return getattr(_mode, "grad_enabled", True)
 
 
 def unbroadcast(grad, shape):
@@ -67,10 +76,12 @@ class Tensor:
             data = data.astype(dtype, copy=False)
         if requires_grad and data.dtype.kind != "f":
             raise TypeError(f"Tensor: requires_grad needs a floating dtype, got {data.dtype}")
-        self.data = data
+        self._data = data
+        self._versions = [0]
         self.requires_grad = bool(requires_grad)
         self.grad = None
         self._prev = ()
+        self._saved_versions = ()
         self._backward = None
         self._op = None
         self._freed = False
@@ -80,19 +91,37 @@ class Tensor:
         """The output of ``op``; it joins the graph if grad is on and any parent needs grad."""
         out = cls.__new__(cls)
         # NumPy reductions to one element return scalars (np.float32), not 0-d arrays
-        out.data = data if isinstance(data, np.ndarray) or backend.is_cupy_array(data) else np.asarray(data)
+        out._data = data if isinstance(data, np.ndarray) or backend.is_cupy_array(data) else np.asarray(data)
+        out._versions = [0]
         out.grad = None
         out._freed = False
         out._op = op
-        if _grad_enabled and any(p.requires_grad for p in parents):
+        if is_grad_enabled() and any(p.requires_grad for p in parents):
             out.requires_grad = True
             out._prev = parents
+            out._saved_versions = tuple(p._versions[0] for p in parents)
             out._backward = backward
         else:
             out.requires_grad = False
             out._prev = ()
+            out._saved_versions = ()
             out._backward = None
         return out
+
+    # ------------------------------------------------------------------ data
+    @property
+    def data(self):
+        return self._data
+
+    @data.setter
+    def data(self, value):
+        """Replacing or updating the array in place (``p.data -= lr * g``) makes a new version."""
+        self._data = value
+        self._versions[0] += 1
+
+    @property
+    def _version(self):
+        return self._versions[0]
 
     # ------------------------------------------------------------------ info
     @property
@@ -126,6 +155,12 @@ class Tensor:
     def __len__(self):
         return len(self.data)
 
+    def __bool__(self):
+        if self.data.size != 1:
+            raise RuntimeError(f"bool: the truth value of a Tensor with {self.data.size} elements (shape "
+                               f"{self.shape}) is ambiguous; use .any() or .all() of its data")
+        return bool(self.data)
+
     def __repr__(self):
         grad = ", requires_grad=True" if self.requires_grad else ""
         op = f", op={self._op}" if self._op else ""
@@ -142,8 +177,10 @@ class Tensor:
         return backend.to_numpy(self.data).tolist()
 
     def detach(self):
-        """The same data, cut from the graph."""
-        return Tensor(self.data, dtype=self.dtype)
+        """The same data, cut from the graph (it shares the version count: an in-place update of either is seen)."""
+        out = Tensor(self.data, dtype=self.dtype)
+        out._versions = self._versions
+        return out
 
     def requires_grad_(self, flag=True):
         if flag and self.dtype.kind != "f":
@@ -196,6 +233,12 @@ class Tensor:
             if node._freed:
                 raise RuntimeError(f"backward: reached a freed part of the graph (op {node._op}); it was used by "
                                    "an earlier backward() without retain_graph=True")
+            for parent, saved in zip(node._prev, node._saved_versions):
+                if parent._versions[0] != saved:
+                    raise RuntimeError(
+                        f"backward: an input of op {node._op} (shape {parent.shape}) has been modified by an "
+                        f"inplace operation (e.g. an optimizer step) since the forward: it is at version "
+                        f"{parent._versions[0]}, the graph needs version {saved}. Run the forward again")
             for parent, pg in zip(node._prev, node._backward(g)):
                 if pg is None or not parent.requires_grad:
                     continue
@@ -206,7 +249,7 @@ class Tensor:
                 key = id(parent)
                 grads[key] = pg if key not in grads else grads[key] + pg
             if not retain_graph:
-                node._prev, node._backward, node._freed = (), None, True
+                node._prev, node._saved_versions, node._backward, node._freed = (), (), None, True
 
     def _topological_order(self):
         """Nodes that need grad, each after all of its inputs (iterative DFS)."""

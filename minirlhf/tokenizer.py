@@ -36,6 +36,7 @@ allows it with `allowed_special`, so a user cannot inject "<|im_end|>" into a pr
 import functools
 import heapq
 import json
+import numbers
 import os
 import re
 import sys
@@ -167,6 +168,8 @@ class BPETokenizer:
         special_tokens = list(special_tokens)
         if len(set(special_tokens)) != len(special_tokens) or not all(isinstance(s, str) and s for s in special_tokens):
             raise ValueError(f"special_tokens must be distinct non-empty strings, got {special_tokens!r}")
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral):
+            raise TypeError(f"vocab_size must be an integer, got {vocab_size!r} ({type(vocab_size).__name__})")
         if vocab_size < 256 + len(special_tokens):
             raise ValueError(f"vocab_size must be at least 256 + {len(special_tokens)} special tokens "
                              f"= {256 + len(special_tokens)}, got vocab_size={vocab_size}")
@@ -335,18 +338,8 @@ class BPETokenizer:
         trained without all 256 bytes loads, but encoding a byte it lacks is an error (where
         `tokenizers` would silently drop it)."""
         vocab_path, merges_path = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
-        try:
-            with open(vocab_path, encoding="utf-8") as f:
-                vocab = json.load(f)
-            with open(merges_path, encoding="utf-8") as f:
-                merge_lines = f.read().splitlines()
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"tokenizer file {e.filename} not found; a saved tokenizer is a "
-                                    f"directory with vocab.json and merges.txt") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{vocab_path} is not a valid tokenizer file: {e}") from None
-        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
-            raise ValueError(f"{vocab_path} is not a valid tokenizer file: expected a JSON object of token -> int id")
+        vocab = _read_vocab(vocab_path)
+        merge_lines = _read_text(merges_path).splitlines()
 
         merges_by_token = []
         for n, line in enumerate(merge_lines, start=1):
@@ -378,6 +371,44 @@ class BPETokenizer:
             special,
         )
         return tokenizer
+
+
+def _read_text(path):
+    """The file as text, with errors that name it (a UTF-8 error in merges.txt is merges.txt's)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"tokenizer file {path} not found; a saved tokenizer is a directory with "
+                                "vocab.json and merges.txt") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a valid tokenizer file: not UTF-8 text ({e})") from None
+
+
+def _read_vocab(path):
+    """vocab.json as {token: id}, its ids exactly 0..N−1, each once."""
+    try:
+        vocab = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not a valid tokenizer file: {e}") from None
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) and not isinstance(i, bool) for i in vocab.values()):
+        raise ValueError(f"{path} is not a valid tokenizer file: expected a JSON object of token -> int id")
+    tokens_of = {}
+    for token, i in vocab.items():
+        tokens_of.setdefault(i, []).append(token)
+    shared = {i: t for i, t in tokens_of.items() if len(t) > 1}
+    if shared:
+        i, tokens = min(shared.items())
+        raise ValueError(f"{path}: tokens {tokens!r} share the id {i}; each id must name one token")
+    negative = sorted(i for i in tokens_of if i < 0)
+    if negative:
+        raise ValueError(f"{path}: token {tokens_of[negative[0]][0]!r} has the negative id {negative[0]}; "
+                         f"ids must be 0..{len(vocab) - 1}")
+    missing = sorted(set(range(len(vocab))) - set(tokens_of))
+    if missing:
+        raise ValueError(f"{path}: the ids of its {len(vocab)} tokens have gaps (no token has id {missing[0]}, "
+                         f"the largest is {max(tokens_of)}); ids must be 0..{len(vocab) - 1}")
+    return vocab
 
 
 def _byte_vocab():

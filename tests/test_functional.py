@@ -7,11 +7,14 @@ inputs, our function, and the same computation in torch. Inputs avoid the points
 op is not differentiable (ties of max/min/clip, 0 for abs/relu) by construction.
 """
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import pytest
+from decimal import Decimal, getcontext
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -242,6 +245,22 @@ def _(draw, rng):
 @op("log_sigmoid")
 def _(draw, rng):
     return Case([normal(rng, shape_of(draw)) * 4], F.log_sigmoid, lambda x: tf().logsigmoid(x))
+
+
+@op("k3")
+def _(draw, rng):
+    return Case([normal(rng, shape_of(draw)) * 2], F.k3, lambda x: torch().expm1(x) - x)
+
+
+def _log1mexp_torch(x):
+    t = torch()
+    return t.where(x > -np.log(2), t.log(-t.expm1(x)), t.log1p(-t.exp(x)))
+
+
+@op("log1mexp")
+def _(draw, rng):
+    shape = shape_of(draw)
+    return Case([-positive(rng, shape, 0.05, 5.0)], F.log1mexp, _log1mexp_torch)
 
 
 @op("softmax")
@@ -759,6 +778,72 @@ def test_softmax_family_stays_finite_at_extreme_logits(device, dtype):
     np.testing.assert_allclose(log_p[2], np.full(3, -np.log(3)), rtol=1e-6)
     lse, _ = _value_and_grad(lambda z: F.logsumexp(z, -1), EXTREME, device, dtype)
     np.testing.assert_allclose(lse, [1000.0, 1e4, -1e4 + np.log(3)], rtol=1e-7)
+
+
+@pytest.mark.parametrize("logits, target", [([1e30, 1e30, -1e30, 0.0], 0), ([1e30, 1e30, -1e30, 0.0], 2),
+                                            ([-1e30, 5.0, -1e30, 5.0], 1), ([1e300, 1e300, 1.0, -1e300], 1)])
+def test_token_logprobs_equal_log_softmax_at_extreme_scales(logits, target):
+    """x_t − (m + log s) rounds log s away when |m| >> log s ([1e30, 1e30, ...] gave 0, not −log 2)."""
+    z = Tensor(np.array([logits]), requires_grad=True, dtype=np.float64)
+    got = F.token_logprobs(z, np.array([target]))
+    want = F.log_softmax(Tensor(np.array([logits]), dtype=np.float64), -1).numpy()[0, target]
+    assert got.item() == want
+    got.sum().backward()
+    assert np.isfinite(z.grad).all()
+
+
+def test_token_logprobs_of_float32_logits_near_1e4_are_exact_to_float32_precision():
+    logits = np.array([[-1e4, -1e4, -1e4, -9999.0]], dtype=np.float32)
+    got = F.token_logprobs(Tensor(logits), np.array([3])).item()
+    want = -np.log1p(3 * np.exp(-1.0))        # the last logit is 1 above three equal ones
+    assert got == pytest.approx(want, rel=1e-6)
+    assert np.float32(got) == F.log_softmax(Tensor(logits), -1).numpy()[0, 3]
+
+
+def test_token_logprobs_of_a_row_with_banned_tokens_are_finite():
+    z = Tensor(np.array([[-np.inf, 0.0, 0.0], [2.0, -np.inf, -np.inf]]), requires_grad=True, dtype=np.float64)
+    got = F.token_logprobs(z, np.array([1, 0]))
+    np.testing.assert_allclose(got.numpy(), [-np.log(2), 0.0])
+    got.sum().backward()
+    np.testing.assert_allclose(z.grad, [[0, 0.5, -0.5], [0, 0, 0]])
+
+
+@pytest.mark.parametrize("name, call", [
+    ("softmax", lambda x: F.softmax(x, -1)), ("log_softmax", lambda x: F.log_softmax(x, -1)),
+    ("logsumexp", lambda x: F.logsumexp(x, -1)),
+    ("token_logprobs", lambda x: F.token_logprobs(x, np.zeros(2, dtype=np.int64))),
+])
+def test_normalising_over_an_empty_axis_is_an_error_that_names_the_op(name, call):
+    with pytest.raises(ValueError, match=rf"{name}: cannot reduce over an empty axis -1 of shape \(2, 0\)"):
+        call(Tensor(np.ones((2, 0))))
+
+
+def log1mexp_reference(x):
+    """log(1 − e^x) in 50-digit decimal arithmetic."""
+    getcontext().prec = 50
+    return float((1 - Decimal(x).exp()).ln())
+
+
+@pytest.mark.parametrize("x", [-1e-8, -1e-12, -1e-5, -0.1, -math.log(2), -0.7, -1.0, -5.0, -40.0, -700.0])
+def test_log1mexp_matches_a_50_digit_reference_near_zero_and_far_from_it(x):
+    got = F.log1mexp(Tensor(np.array([x]), dtype=np.float64)).numpy()[0]
+    assert got == pytest.approx(log1mexp_reference(x), rel=1e-14, abs=1e-300)
+
+
+@given(st.floats(-50, -1e-6))
+def test_log1mexp_gradient_is_minus_one_over_expm1_of_minus_x(x):
+    leaf = Tensor(np.array([x]), requires_grad=True, dtype=np.float64)
+    F.log1mexp(leaf).sum().backward()
+    assert leaf.grad[0] == pytest.approx(-1 / math.expm1(-x), rel=1e-12)
+
+
+@given(st.one_of(st.floats(-50, 50), st.floats(-1e-6, 1e-6)), st.sampled_from([np.float32, np.float64]))
+def test_k3_is_nonnegative_finite_and_accurate_near_zero(x, dtype):
+    """expm1(x) − x errs by at most a rounding of x; exp(x) − 1 − x errs by a rounding of 1."""
+    out = F.k3(Tensor(np.array([x]), dtype=dtype)).numpy()[0]
+    assert np.isfinite(out) and out >= 0
+    if abs(x) < 1e-3 and dtype == np.float64:
+        assert out == pytest.approx(x * x / 2 + x ** 3 / 6 + x ** 4 / 24, rel=1e-9, abs=abs(x) * 2.3e-16)
 
 
 def test_logsumexp_of_1e10_is_finite_and_exact():

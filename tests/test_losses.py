@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -233,8 +233,9 @@ def test_sft_micro_batch_losses_over_the_global_token_count_sum_to_the_full_batc
 
 @pytest.mark.parametrize("loss_type", ["bnpo", "dapo"])
 def test_grpo_token_mean_micro_batch_losses_over_the_global_token_count_sum_to_the_full_batch_loss(loss_type):
-    """As for SFT: token-mean losses accumulate over the global token count
-    (huggingface/trl#2615 and the DAPO paper's token-level loss)."""
+    """As for SFT: token-mean losses accumulate over the global token count (huggingface/trl#3231: a
+    per-micro-batch normaliser is not invariant to how samples fall into accumulation steps;
+    allenai/open-instruct#1161 made the token count of the whole accumulated batch the denominator)."""
     rng = np.random.default_rng(6)
     sizes, T = [2, 1, 3], 5
     parts = []
@@ -254,6 +255,54 @@ def test_grpo_token_mean_micro_batch_losses_over_the_global_token_count_sum_to_t
     np.testing.assert_allclose(np.concatenate([g for _, (g,) in results]), grad_full, rtol=1e-10, atol=1e-14)
     mean_of_means = np.mean([loss(p)(t64(p[0])).item() for p in parts])
     assert mean_of_means != pytest.approx(value_full, rel=1e-3)
+
+
+def test_adaptive_kl_controller_keeps_its_beta_after_refusing_a_nan_measurement():
+    """One update(nan) used to make β NaN for every later step."""
+    controller = losses.AdaptiveKLController(0.1, 6.0, 100)
+    with pytest.raises(ValueError):
+        controller.update(float("nan"), 10)
+    assert controller.beta == 0.1 and controller.update(6.0, 10) == 0.1
+
+
+def test_kl_penalty_of_responses_with_no_positions_is_empty_not_an_error():
+    out = losses.kl_penalty(np.zeros((2, 0)), np.zeros((2, 0)), np.zeros((2, 0)), np.ones(2), 0.1)
+    assert out.shape == (2, 0)
+
+
+def test_statistics_of_an_empty_batch_are_zero_not_nan():
+    """The module's convention for an all-masked row (0, never NaN), extended to a batch of no rows."""
+    empty, none = np.zeros(0), np.zeros((0, 3))
+    with np.errstate(all="raise"):
+        loss, accuracy = losses.bradley_terry_loss(empty, empty)
+        assert loss.item() == 0 and float(accuracy) == 0
+        for k in losses.GRPO_LOSS_TYPES:
+            assert losses.grpo_loss(none, none, none, empty, none, loss_type=k)[0].item() == 0
+            flat = np.zeros((2, 0))
+            assert losses.grpo_loss(flat, flat, flat, np.ones(2), flat, loss_type=k)[0].item() == 0
+        loss, stats = losses.gspo_loss(none, none, none, empty, none, beta=0.1)
+        assert loss.item() == 0 and float(stats["clip_fraction"]) == 0 and float(stats["kl"]) == 0
+        loss, stats = losses.orpo_loss(none, none, none, none)
+        assert loss.item() == 0 and float(stats["log_odds_ratio"]) == 0 and float(stats["odds_ratio_loss"]) == 0
+        for k in losses.DPO_LOSS_TYPES:
+            assert losses.dpo_loss(empty, empty, empty, empty, loss_type=k)[0].item() == 0
+        assert losses.simpo_loss(empty, empty, empty, empty)[0].item() == 0
+        assert losses.kto_loss(empty, empty, np.zeros(0, bool), 0.0)[0].item() == 0
+        assert losses.reinforce_loss(none, empty, none).item() == 0
+
+
+def test_gspo_responses_without_tokens_add_nothing_and_are_not_counted_as_clipped():
+    """An empty response has no sequence ratio: it added −A_i/B (an all-masked batch gave −mean(A))
+    and counted in the clip fraction."""
+    logp = -np.ones((3, 2))
+    old = logp - np.array([[0.5, 0.5], [0.0, 0.0], [0.0, 0.0]])    # row 0 is clipped
+    mask = np.array([[1, 1], [1, 1], [0, 0.0]])
+    adv = np.array([1.0, 2.0, 5.0])
+    loss, stats = losses.gspo_loss(t64(logp), old, None, adv, mask, clip_eps=0.2, clip_eps_high=0.2)
+    assert loss.item() == pytest.approx(-(1.2 * 1.0 + 1.0 * 2.0) / 3, rel=1e-12)
+    assert float(stats["clip_fraction"]) == 0.5
+    loss, stats = losses.gspo_loss(t64(logp), old, None, adv, np.zeros((3, 2)))
+    assert loss.item() == 0 and float(stats["clip_fraction"]) == 0
 
 
 # ------------------------------------------------------------------ Bradley-Terry
@@ -299,6 +348,27 @@ def test_kl_exact_is_zero_for_logits_that_differ_by_a_constant_and_finite_at_1e4
     a = np.random.default_rng(0).normal(size=(2, 3, 5)) * 1e4
     np.testing.assert_allclose(losses.kl_exact(t64(a), a + 7.0).numpy(), 0, atol=1e-9)
     assert np.isfinite(losses.kl_exact(Tensor(a), -a).numpy()).all()
+
+
+def test_kl_exact_and_entropy_are_finite_with_banned_tokens():
+    """A token banned with a −inf logit has π(v) = 0 and adds 0 (it gave 0·(−inf) = NaN)."""
+    logits = t64([[[0.0, 1.0, -np.inf], [-np.inf, 2.0, 2.0]]], grad=True)
+    ref = np.array([[[1.0, 0.0, 3.0], [-np.inf, 0.0, 1.0]]])
+    mask = np.ones((1, 2))
+    kl = losses.kl_exact(logits, ref, mask)
+    H = losses.entropy(logits, mask)
+    (kl.sum() + H).backward()
+    def softmax(z):
+        e = np.exp(np.asarray(z) - np.max(z))
+        return e / e.sum()
+    p = [softmax([0.0, 1.0]), softmax([2.0, 2.0])]
+    q = [softmax([1.0, 0.0, 3.0])[:2], softmax([0.0, 1.0])]
+    want_kl = [(pi * np.log(pi / qi)).sum() for pi, qi in zip(p, q)]
+    want_H = np.mean([-(pi * np.log(pi)).sum() for pi in p])
+    np.testing.assert_allclose(kl.numpy()[0], want_kl, rtol=1e-12)
+    assert H.item() == pytest.approx(want_H, rel=1e-12)
+    assert np.isfinite(logits.grad).all()
+    assert logits.grad[0, 0, 2] == 0 and logits.grad[0, 1, 0] == 0
 
 
 def test_kl_exact_matches_torch():
@@ -593,10 +663,44 @@ def test_grpo_advantages_of_identical_rewards_are_exactly_zero(r, scale, G):
 
 @given(arrays(np.float64, 8, elements=floats()), floats(0.01, 100), floats(-100, 100),
        st.sampled_from(["group", "batch"]))
+@example(rewards=np.array([1.15e-102, 0, 0, 0, 0, 0, 0, 0]), a=1.0, b=1.0, scale="group")
 def test_std_scaled_grpo_advantages_are_invariant_to_positive_affine_maps_of_the_rewards(rewards, a, b, scale):
+    """Holds where the map keeps each group's spread: a·r + b must still tell the rewards of a
+    group apart in float64 (1.15e-102 + 1 rounds to 1, which makes the group constant)."""
+    mapped = a * rewards + b
+    for g, h in zip(rewards.reshape(-1, 4), mapped.reshape(-1, 4)):
+        if np.ptp(g) > 0:
+            assume(np.ptp(h) > 1e-6 * np.abs(h).max())
     before = losses.grpo_advantages(t64(rewards), 4, scale=scale, eps=0.0).numpy()
-    after = losses.grpo_advantages(t64(a * rewards + b), 4, scale=scale, eps=0.0).numpy()
+    after = losses.grpo_advantages(t64(mapped), 4, scale=scale, eps=0.0).numpy()
     np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+
+
+def test_an_affine_map_that_rounds_a_group_to_one_value_gives_that_group_zero_advantages():
+    """The draw that broke the invariance above: outside its domain, the constant-group rule holds."""
+    rewards = np.array([1.15e-102, 0, 0, 0, 1.0, 2.0, 3.0, 5.0])
+    assert (losses.grpo_advantages(rewards, 4, eps=0.0).numpy()[:4] != 0).all()
+    assert (losses.grpo_advantages(rewards + 1.0, 4, eps=0.0).numpy()[:4] == 0).all()
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_grpo_advantages_refuse_non_finite_rewards(scale, bad):
+    """A NaN reward zeroed its group's advantages or, with scale="batch", left every group unscaled."""
+    rewards = np.array([1.0, 0.0, bad, 2.0, 0.5, 0.25])
+    with pytest.raises(ValueError, match=r"rewards: must be finite.*at rows \[2\]"):
+        losses.grpo_advantages(rewards, 2, scale=scale)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_grpo_advantages_of_huge_float32_rewards_are_right(scale):
+    """float32 rewards of ±1e20 square to inf: the std must not (it gave all-zero advantages)."""
+    r = np.array([1e20, -1e20, 3e20, -3e20], dtype=np.float32)
+    adv = losses.grpo_advantages(r, 2, scale=scale).numpy()
+    r64 = r.astype(np.float64)
+    g = r64.reshape(2, 2)
+    std = g.std(axis=1, ddof=1, keepdims=True) if scale == "group" else r64.std(ddof=1)
+    np.testing.assert_allclose(adv, ((g - g.mean(1, keepdims=True)) / std).reshape(-1), rtol=1e-6)
 
 
 def test_batch_scaled_grpo_advantages_divide_group_centred_rewards_by_the_batch_std():
@@ -874,6 +978,23 @@ INVALID = [
     (lambda: losses.grpo_loss(_lp, _lp.data, _lp.data, np.ones(2), _m, num_tokens=6), "num_tokens.*'bnpo'"),
     (lambda: losses.whiten(np.ones(3), np.ones(4)), "mask.*shape"),
     (lambda: losses.response_kl(_lp, _lp.data, _m, "k5"), "estimator"),
+    (lambda: losses.kl_penalty(_lp, _lp.data, _m, np.ones(2), beta=np.inf), "beta.*finite"),
+    (lambda: losses.kl_penalty(_lp, _lp.data, _m, np.ones(2), beta=np.nan), "beta.*finite"),
+    (lambda: losses.grpo_loss(_lp, _lp.data, _lp.data, np.ones(2), _m, beta=np.inf), "beta.*finite"),
+    (lambda: losses.grpo_loss(_lp, _lp.data, _lp.data, np.ones(2), _m, clip_eps_high=np.inf), "clip_eps_high.*finite"),
+    (lambda: losses.grpo_loss(_lp, _lp.data, _lp.data, np.ones(2), _m, clip_eps=np.nan), "clip_eps"),
+    (lambda: losses.dpo_loss(np.ones(2), np.ones(2), np.ones(2), np.ones(2), beta=np.inf), "beta.*finite"),
+    (lambda: losses.dpo_loss(np.ones(2), np.ones(2), np.ones(2), np.ones(2), beta=np.nan), "beta.*finite"),
+    (lambda: losses.simpo_loss(np.ones(2), np.ones(2), np.ones(2), np.ones(2), gamma=np.nan), "gamma.*finite"),
+    (lambda: losses.ppo_policy_loss(_lp, _lp.data, np.ones(2), _m, dual_clip=np.inf), "dual_clip"),
+    (lambda: losses.AdaptiveKLController(0.1, 6.0, 100).update(np.nan, 10), "measured_kl.*finite"),
+    (lambda: losses.AdaptiveKLController(0.1, 6.0, 100).update(np.inf, 10), "measured_kl.*finite"),
+    (lambda: losses.AdaptiveKLController(np.inf, 6.0, 100), "init_beta.*finite"),
+    (lambda: losses.sft_loss(t64(np.zeros((2, 3, 4))), np.zeros((2, 2), int), _m), r"targets: expected shape \(2, 3\)"),
+    (lambda: losses.sft_loss(t64(np.zeros((2, 4))), np.zeros(2, int), _m), r"logits: expected shape \(B, T, V\)"),
+    (lambda: losses.sequence_logprobs(t64(np.zeros((2, 3, 4))), np.zeros((3, 3), int), _m), "targets: expected shape"),
+    (lambda: losses.gae(np.ones(3), np.ones(3), np.ones(3)), r"values: expected per-token values of shape \(B, T\)"),
+    (lambda: losses.kl_penalty(np.ones(3), np.ones(3), np.ones(3), np.ones(3), 0.1), r"logp: expected .*\(B, T\)"),
 ]
 
 
@@ -881,3 +1002,135 @@ INVALID = [
 def test_invalid_arguments_raise_errors_that_name_them(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# ------------------------------------------- bug classes RLHF frameworks shipped
+@st.composite
+def ragged_batch(draw, B=4, T=5):
+    """Per-token log-probs with rows of every length, 0 included, and per-row advantages."""
+    lengths = draw(st.lists(st.integers(0, T), min_size=B, max_size=B))
+    mask = (np.arange(T)[None, :] < np.array(lengths)[:, None]).astype(float)
+    logp = draw(arrays(np.float64, (B, T), elements=floats(-4.0, -0.05)))
+    adv = draw(arrays(np.float64, B, elements=floats(-2, 2)))
+    return logp, mask, adv
+
+
+@given(ragged_batch(), st.integers(20, 40))
+def test_every_loss_aggregation_mode_equals_its_formula(batch, num_tokens):
+    """At ratio 1 and β = 0 every token's loss is −A_i, so each mode has a closed form: a mode that
+    quietly normalises by the wrong count (huggingface/trl#2995, the token mean that was not the
+    paper's; huggingface/trl#3256, which named "grpo", "bnpo" and "dr_grpo") fails here."""
+    logp, mask, adv = batch
+    B, T = mask.shape
+    n = mask.sum(axis=1)
+    want = {"grpo": -np.mean(np.where(n > 0, adv, 0.0)),
+            "bnpo": -(adv * n).sum() / max(n.sum(), 1),
+            "dr_grpo": -(adv * n).sum() / (B * T),
+            "dapo": -(adv * n).sum() / max(n.sum(), 1)}
+    for loss_type, value in want.items():
+        got = losses.grpo_loss(t64(logp), logp, None, adv, mask, beta=0.0, loss_type=loss_type)[0].item()
+        assert got == pytest.approx(value, rel=1e-12, abs=1e-12), loss_type
+    for loss_type in ("bnpo", "dapo"):
+        got = losses.grpo_loss(t64(logp), logp, None, adv, mask, beta=0.0, loss_type=loss_type,
+                               num_tokens=num_tokens)[0].item()
+        assert got == pytest.approx(-(adv * n).sum() / num_tokens, rel=1e-12, abs=1e-12), loss_type
+    ppo, _ = losses.ppo_policy_loss(t64(logp), logp, adv, mask)
+    assert ppo.item() == pytest.approx(want["bnpo"], rel=1e-12, abs=1e-12)
+    gspo, _ = losses.gspo_loss(t64(logp), logp, None, adv, mask)
+    assert gspo.item() == pytest.approx(want["grpo"], rel=1e-12, abs=1e-12)
+    reinforce = losses.reinforce_loss(t64(logp), adv, mask)
+    assert reinforce.item() == pytest.approx(-np.mean(adv * (logp * mask).sum(axis=1)), rel=1e-12, abs=1e-12)
+
+
+def _categorical(seed, V=6):
+    logits = np.random.default_rng(seed).normal(size=V) * 1.5
+    return logits - np.logaddexp.reduce(logits)
+
+
+@given(st.integers(0, 10_000), st.sampled_from(["k1", "k3"]))
+def test_kl_penalty_has_the_right_sign_and_direction_and_is_counted_once_under_masks(seed, estimator):
+    """The KL term is KL(π ‖ π_ref) (samples from π, log π − log π_ref), it lowers the reward, and a
+    token's KL is counted once (marin-community/marin#1708, a KL penalty of the wrong form;
+    huggingface/blog#1208, the sign and direction of the KL penalty in the RLHF diagram)."""
+    log_p, log_q = _categorical(seed), _categorical(seed + 1)
+    # direction: the expectation under π of the per-token estimator is KL(π ‖ π_ref), not KL(π_ref ‖ π)
+    tokens = np.arange(len(log_p))
+    per_token = losses.response_kl(log_p[tokens, None], log_q[tokens, None], np.ones((len(tokens), 1)), estimator)
+    forward = (np.exp(log_p) * (log_p - log_q)).sum()
+    backward = (np.exp(log_q) * (log_q - log_p)).sum()
+    assert (np.exp(log_p) * per_token.numpy()).sum() == pytest.approx(forward, rel=1e-10)
+    assume(abs(forward - backward) > 1e-3)
+    assert (np.exp(log_p) * per_token.numpy()).sum() != pytest.approx(backward, rel=1e-4)
+    # sign and count: with score 0 each response token's reward is exactly −β k, summing to −β · response_kl
+    logp = np.array([[log_p[0], log_p[1], log_p[2], 0.0], [log_p[3], log_p[4], 0.0, 0.0]])
+    ref = np.array([[log_q[0], log_q[1], log_q[2], 5.0], [log_q[3], log_q[4], -5.0, 0.0]])
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0.0]])
+    beta = 0.3
+    rewards = losses.kl_penalty(logp, ref, mask, np.zeros(2), beta, estimator).numpy()
+    k = losses.kl_estimate(logp, ref, estimator).numpy()
+    np.testing.assert_allclose(rewards, -beta * k * mask, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(rewards.sum(axis=1), -beta * losses.response_kl(logp, ref, mask, estimator).numpy(),
+                               rtol=1e-12, atol=1e-15)
+    # in GRPO's loss the k3 term is added once and pulls log π toward log π_ref
+    leaf = t64(logp, grad=True)
+    loss, stats = losses.grpo_loss(leaf, logp, ref, np.zeros(2), mask, beta=beta, loss_type="bnpo")
+    k3 = losses.kl_estimate(logp, ref, "k3").numpy()
+    assert loss.item() == pytest.approx(beta * (k3 * mask).sum() / mask.sum(), rel=1e-12)
+    assert float(stats["kl"]) == pytest.approx((k3 * mask).sum() / mask.sum(), rel=1e-12)
+    loss.backward()
+    above = (mask > 0) & (logp > ref + 1e-9)
+    below = (mask > 0) & (logp < ref - 1e-9)
+    assert (leaf.grad[above] > 0).all() and (leaf.grad[below] < 0).all()   # descent moves log π toward log π_ref
+
+
+NONFINITE = [np.nan, np.inf, -np.inf]
+
+
+@pytest.mark.parametrize("fill", NONFINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", sorted(PADDING_CASES))
+def test_zero_times_nan_never_leaks_through_a_mask_in_any_loss(name, fill):
+    """Masking by multiplication lets 0·NaN = NaN (and 0·inf) through into the loss and its gradient
+    (NVIDIA-NeMo/RL#4120 and NVIDIA-NeMo/Megatron-Bridge#3117 switched to a select): every
+    per-token input, logits included, holds ``fill`` under the mask and nothing changes."""
+    results = []
+    for dirty in (False, True):
+        d, mask = _padded_batch(False)
+        if dirty:
+            off = mask == 0
+            for k in ("logp", "old", "ref", "values", "old_values", "returns", "rewards", "adv"):
+                d[k] = np.where(off, fill, d[k])
+            d["logits"] = np.where(off[..., None], fill, d["logits"])
+            d["ref_logits"] = np.where(off[..., None], fill, d["ref_logits"])
+        leaves = {k: t64(d[k], grad=True) for k in ("logits", "logp", "values")}
+        with np.errstate(over="raise", invalid="raise", divide="raise"):
+            out = PADDING_CASES[name]({**d, **leaves}, mask)
+            if out.requires_grad:
+                out.backward()
+        results.append((out.item(), {k: v.grad for k, v in leaves.items() if v.grad is not None}))
+    (clean, clean_grads), (dirty, dirty_grads) = results
+    assert np.isfinite(dirty) and dirty == clean
+    assert clean_grads.keys() == dirty_grads.keys()
+    for k in clean_grads:
+        np.testing.assert_array_equal(dirty_grads[k], clean_grads[k], err_msg=k)
+
+
+@given(token_batch(B=6, T=4, min_len=1), st.integers(0, 10_000), floats(0.0, 0.5),
+       st.sampled_from(losses.GRPO_LOSS_TYPES), st.sampled_from(["group", "batch", "none"]))
+def test_an_all_equal_reward_group_contributes_only_the_kl_term(batch, seed, beta, loss_type, scale):
+    """A group whose rewards are all equal has advantage 0: its policy-gradient term vanishes and only
+    β·k3 moves its tokens (huggingface/trl#7068: with β > 0 the KL term still acts on such groups;
+    a NaN from std = 0 would instead poison the whole batch)."""
+    logp, mask = batch
+    rng = np.random.default_rng(seed)
+    rewards = np.concatenate([np.full(3, rng.normal()), rng.normal(size=3)])
+    adv = losses.grpo_advantages(rewards, 3, scale=scale).numpy()
+    assert (adv[:3] == 0).all()
+    old = logp + rng.normal(0, 0.3, logp.shape)
+    ref = logp + rng.normal(0, 0.3, logp.shape)
+    leaf = t64(logp, grad=True)
+    losses.grpo_loss(leaf, old, ref, adv, mask, beta=beta, loss_type=loss_type)[0].backward()
+    B, T = mask.shape
+    weight = {"grpo": mask / (mask.sum(axis=1, keepdims=True) * B), "bnpo": mask / mask.sum(),
+              "dr_grpo": mask / (B * T), "dapo": mask / mask.sum()}[loss_type]
+    d_k3 = 1 - np.exp(ref - logp)   # d/d log π of k3 = e^x − 1 − x at x = log π_ref − log π
+    np.testing.assert_allclose(leaf.grad[:3], (beta * weight * d_k3)[:3], rtol=1e-10, atol=1e-14)

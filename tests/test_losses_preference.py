@@ -155,19 +155,6 @@ def log1mexp_reference(x):
     return float((1 - Decimal(x).exp()).ln())
 
 
-@pytest.mark.parametrize("x", [-1e-8, -1e-12, -1e-5, -0.1, -math.log(2), -0.7, -1.0, -5.0, -40.0, -700.0])
-def test_orpo_log1mexp_matches_a_50_digit_reference_near_zero_and_far_from_it(x):
-    got = losses.log1mexp(t64([x])).numpy()[0]
-    assert got == pytest.approx(log1mexp_reference(x), rel=1e-14, abs=1e-300)
-
-
-@given(floats(-50, -1e-6))
-def test_orpo_log1mexp_gradient_is_minus_one_over_expm1_of_minus_x(x):
-    leaf = t64([x], grad=True)
-    losses.log1mexp(leaf).sum().backward()
-    assert leaf.grad[0] == pytest.approx(-1 / math.expm1(-x), rel=1e-12)
-
-
 @given(st.integers(0, 10_000), floats(0, 2))
 def test_orpo_loss_is_chosen_nll_plus_lambda_times_the_odds_ratio_loss(seed, lam):
     rng = np.random.default_rng(seed)
@@ -188,6 +175,7 @@ def test_orpo_loss_is_chosen_nll_plus_lambda_times_the_odds_ratio_loss(seed, lam
 def test_orpo_log_odds_are_accurate_for_a_response_of_probability_near_one():
     mask = np.ones((1, 3))
     _, stats = losses.orpo_loss(t64(np.full((1, 3), -1e-10)), t64(np.full((1, 3), -1.0)), mask, mask)
+    # log1mexp itself is checked against a 50-digit reference in test_functional.py
     want = (-1e-10 - log1mexp_reference(-1e-10)) - (-1.0 - log1mexp_reference(-1.0))
     assert float(stats["log_odds_ratio"]) == pytest.approx(want, rel=1e-13)
 

@@ -133,7 +133,7 @@ def test_loading_optimizer_state_of_the_wrong_shape_names_the_buffer():
 
 def test_bad_hyperparameters_name_the_argument_and_value():
     p = [nn.Parameter(np.ones(2))]
-    with pytest.raises(ValueError, match="AdamW: lr must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="AdamW: lr must be a finite number >= 0, got -1"):
         optim.AdamW(p, lr=-1)
     with pytest.raises(ValueError, match=r"AdamW: betas must be in \[0, 1\), got \(0.9, 1.0\)"):
         optim.AdamW(p, betas=(0.9, 1.0))
@@ -144,6 +144,23 @@ def test_bad_hyperparameters_name_the_argument_and_value():
 
 
 # ------------------------------------------------------------ clipping
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.1])
+@pytest.mark.parametrize("make, name", [
+    (lambda ps, v: optim.SGD(ps, lr=v), "SGD: lr"), (lambda ps, v: optim.SGD(ps, weight_decay=v), "SGD: weight_decay"),
+    (lambda ps, v: optim.AdamW(ps, lr=v), "AdamW: lr"),
+    (lambda ps, v: optim.AdamW(ps, weight_decay=v), "AdamW: weight_decay"),
+    (lambda ps, v: optim.AdamW([{"params": ps, "lr": v}]), "AdamW: lr"),
+    (lambda ps, v: optim.clip_grad_norm_(ps, v), "clip_grad_norm_: max_norm"),
+])
+def test_non_finite_or_negative_settings_are_refused_by_name(make, name, bad):
+    """`--lr inf`, `--clip nan` and `--weight-decay nan` (or < 0) trained NaN models and exited 0."""
+    params = [nn.Parameter(np.ones(3))]
+    params[0].grad = np.ones(3, dtype=params[0].dtype)
+    with pytest.raises(ValueError, match=rf"{name} must be a finite number >= 0, got {bad}"):
+        make(params, bad)
+    np.testing.assert_array_equal(params[0].grad, 1.0)
+
+
 @pytest.mark.parametrize("max_norm", [0.5, 1e3])
 def test_clip_grad_norm_equals_torch(max_norm):
     torch = pytest.importorskip("torch")

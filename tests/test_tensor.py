@@ -1,7 +1,9 @@
-"""Tensor and autograd: backends and devices, dtypes, the graph walk, freeing, no_grad, detach."""
+"""Tensor and autograd: backends and devices, dtypes, the graph walk, freeing, versions, no_grad,
+detach, truth values."""
 import gc
 import subprocess
 import sys
+import threading
 import weakref
 
 import numpy as np
@@ -339,6 +341,34 @@ def test_no_grad_restores_the_mode_after_an_exception():
     assert minirlhf.is_grad_enabled()
 
 
+def test_no_grad_in_another_thread_leaves_this_thread_recording():
+    """no_grad was process-wide: a rollout thread's no_grad() turned off gradients in the trainer."""
+    entered, release = threading.Event(), threading.Event()
+
+    def rollout():
+        with no_grad():
+            entered.set()
+            release.wait(10)
+    worker = threading.Thread(target=rollout)
+    worker.start()
+    try:
+        assert entered.wait(10)
+        assert minirlhf.is_grad_enabled()
+        assert (Tensor([1.0], requires_grad=True) * 2).requires_grad
+    finally:
+        release.set()
+        worker.join()
+
+
+def test_a_new_thread_starts_with_gradients_on_even_inside_no_grad():
+    seen = []
+    with no_grad():
+        worker = threading.Thread(target=lambda: seen.append(minirlhf.is_grad_enabled()))
+        worker.start()
+        worker.join()
+    assert seen == [True]
+
+
 def test_no_grad_works_as_a_decorator():
     @no_grad()
     def double(t):
@@ -380,3 +410,58 @@ def test_method_forms_match_the_functions():
     assert x.sum().item() == pytest.approx(x.numpy().sum())
     assert len(x) == 2 and x.ndim == 2 and x.size == 6
     assert "requires_grad=True" in repr(Tensor([1.0], requires_grad=True))
+
+
+# ------------------------------------------------------------ versions
+def test_an_optimizer_step_between_forward_and_backward_is_refused():
+    """PyTorch refuses with "modified by an inplace operation"; we gave gradients at the new weights."""
+    w = minirlhf.nn.Parameter(np.ones(3))
+    loss = (w * w).sum()
+    opt = minirlhf.optim.SGD([w], lr=0.1)
+    w.grad = np.ones(3, dtype=w.dtype)
+    opt.step()
+    with pytest.raises(RuntimeError, match=r"modified by an inplace operation.*version 1.*needs version 0"):
+        loss.backward()
+
+
+def test_assigning_data_makes_a_new_version_and_a_fresh_forward_is_fine():
+    w = Tensor(np.ones(3), requires_grad=True, dtype=np.float64)
+    assert w._version == 0
+    w.data -= 0.5
+    w.data = w.data * 2
+    assert w._version == 2
+    loss = (w * w).sum()
+    loss.backward()
+    np.testing.assert_array_equal(w.grad, [2.0, 2.0, 2.0])
+
+
+def test_an_input_without_grad_modified_in_place_is_refused_too():
+    x = Tensor(np.ones(3), requires_grad=True, dtype=np.float64)
+    c = Tensor(np.full(3, 2.0), dtype=np.float64)
+    y = (x * c).sum()
+    c.data *= 3
+    with pytest.raises(RuntimeError, match="inplace"):
+        y.backward()
+
+
+def test_detach_shares_the_version_count():
+    x = Tensor(np.ones(3), requires_grad=True, dtype=np.float64)
+    y = (x * x).sum()
+    x.detach().data += 1
+    with pytest.raises(RuntimeError, match="inplace"):
+        y.backward()
+
+
+# ------------------------------------------------------- truth values
+def test_bool_of_a_tensor_with_several_elements_is_ambiguous():
+    for data in (np.ones(2), np.zeros((2, 2)), np.zeros(0)):
+        with pytest.raises(RuntimeError, match="ambiguous"):
+            bool(Tensor(data))
+
+
+def test_bool_of_a_one_element_tensor_is_its_truth_value():
+    assert bool(Tensor(1.0)) and not bool(Tensor(0.0))
+    assert bool(Tensor(np.array([[2.0]]))) and not bool(Tensor(np.array([False])))
+    with pytest.raises(RuntimeError, match="ambiguous"):
+        if Tensor([1.0, 3.0]) > 2:
+            pass

@@ -293,3 +293,48 @@ def test_load_names_a_corrupt_file(tok, tmp_path, name, content):
     (tmp_path / name).write_text(content, encoding="utf-8")
     with pytest.raises(ValueError, match=name):
         BPETokenizer.load(tmp_path)
+
+
+def _edit_vocab(tmp_path, tok, edit):
+    tok.save(tmp_path)
+    vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
+    edit(vocab)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+
+
+def test_load_refuses_two_tokens_on_one_id(tok, tmp_path):
+    _edit_vocab(tmp_path, tok, lambda v: v.update({"Ġzzz": v["!"]}))
+    with pytest.raises(ValueError, match=r"vocab.json: tokens \['!', 'Ġzzz'\] share the id 0"):
+        BPETokenizer.load(tmp_path)
+
+
+def test_load_refuses_a_negative_id(tok, tmp_path):
+    _edit_vocab(tmp_path, tok, lambda v: v.update({ENDOFTEXT: -1}))
+    with pytest.raises(ValueError, match=r"vocab.json: token '<\|endoftext\|>' has the negative id -1"):
+        BPETokenizer.load(tmp_path)
+
+
+def test_load_refuses_gaps_in_the_ids(tok, tmp_path):
+    _edit_vocab(tmp_path, tok, lambda v: v.update({ENDOFTEXT: len(v) + 5}))
+    with pytest.raises(ValueError, match=r"vocab.json: the ids of its \d+ tokens have gaps \(no token has id \d+"):
+        BPETokenizer.load(tmp_path)
+
+
+def test_load_refuses_boolean_ids(tok, tmp_path):
+    _edit_vocab(tmp_path, tok, lambda v: v.update({ENDOFTEXT: True}))
+    with pytest.raises(ValueError, match="vocab.json.*token -> int id"):
+        BPETokenizer.load(tmp_path)
+
+
+def test_a_utf8_error_in_merges_txt_is_reported_as_a_merges_txt_problem(tok, tmp_path):
+    tok.save(tmp_path)
+    (tmp_path / "merges.txt").write_bytes(b"#version: 0.2\n\xff\xfe a\n")
+    with pytest.raises(ValueError, match=r"merges.txt is not a valid tokenizer file: not UTF-8") as info:
+        BPETokenizer.load(tmp_path)
+    assert "vocab.json" not in str(info.value)
+
+
+@pytest.mark.parametrize("vocab_size", ["300", 300.0, True, None])
+def test_train_refuses_a_vocab_size_that_is_not_an_integer(vocab_size):
+    with pytest.raises(TypeError, match=rf"vocab_size must be an integer, got {re.escape(repr(vocab_size))}"):
+        BPETokenizer().train("hello world", vocab_size)
