@@ -22,6 +22,7 @@ import numpy as np
 from . import kernel, reference
 
 THREADS = 256  # threads per row (logprobs.cu)
+FORWARD_SHARED_BYTES = 4 * 2 * (THREADS // 32)  # the forward's per-warp (m, s) pairs
 
 
 def supported(logits):
@@ -35,14 +36,16 @@ def _rows(cp, logits):
 
 
 def forward(logits, targets):
-    """logp (N,) and lse (N,) for logits (N, V) float32 and integer targets (N,); a target outside [0, V) gives NaN."""
+    """logp (N,) and lse (N,) for logits (N, V) float32 and integer targets (N,); a target outside [0, V) gives
+    NaN, and so does a row holding NaN or +inf (as the plain formula)."""
     import cupy as cp
     x = _rows(cp, logits)
     N, V = x.shape
     t = cp.ascontiguousarray(targets, dtype=cp.int64)
     out = cp.empty(N, dtype=cp.float32)
     lse = cp.empty(N, dtype=cp.float32)
-    kernel("logprobs.cu", "token_logprobs_forward")((N,), (THREADS,), (x, t, out, lse, np.int32(V)))
+    kernel("logprobs.cu", "token_logprobs_forward")((N,), (THREADS,), (x, t, out, lse, np.int32(V)),
+                                                     shared_mem=FORWARD_SHARED_BYTES)
     return out, lse
 
 
