@@ -23,13 +23,21 @@ OPT_IN_SHARED_BYTES = 227 * 1024  # an H100/H200's opt-in shared memory per bloc
 DEFAULT_SHARED_BYTES = 48 * 1024
 
 
+class MemoryPointer:
+    """What ``cupy.ndarray.data`` is: the address of the first element, as ``ptr``."""
+    __module__ = "cupy.cuda.memory"
+
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+
 class ndarray(np.ndarray):
     """A host array that passes for a CuPy one (``minirlhf.backend.is_cupy_array`` reads the module)."""
     __module__ = "cupy"
 
     @property
     def data(self):
-        return types.SimpleNamespace(ptr=self.ctypes.data)
+        return MemoryPointer(self.ctypes.data)
 
     def get(self):
         return np.array(self, copy=True).view(np.ndarray)
