@@ -1,11 +1,13 @@
 """The GPU kernels and their NumPy references (minirlhf/kernels).
 
 On every machine: the references (the kernels' algorithms in NumPy: tiled online-softmax
-attention, the tile-by-tile backward, the streaming log-sum-exp) against the plain formulas of
-``minirlhf.functional``, forward and gradients; the chunked linear + log-prob op; the CUDA
-sources compile (where nvcc exists). With cupy and a GPU: the kernels against naive CuPy and
-against the references, including T = 1, T not a multiple of the tile, padding masks, scores
-and logits of ±1e4, and the gradients.
+attention with grouped-query heads, the tile-by-tile backward, the streaming log-sum-exp)
+against the plain formulas of ``minirlhf.functional``, forward and gradients; the chunked
+linear + log-prob op; the CUDA sources compile to sm_90 cubins without spills (where nvcc
+exists). The kernel tests (the ``cp`` fixture) run the .cu sources on the GPU where cupy sees
+one, and everywhere through the CPU execution harness (tests/cuda_cpu): against naive CuPy and
+the references, including T = 1, T not a multiple of the tile, padding masks, scores and logits
+of ±1e4, NaN and 1e30 logits, grouped-query heads, and the gradients.
 """
 import math
 import os
