@@ -12,6 +12,7 @@ import numbers
 import numpy as np
 
 from . import backend
+from .kernels import attention as fused_attention, logprobs as fused_logprobs, reference as kernel_reference
 from .tensor import Tensor
 
 
@@ -677,14 +678,12 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale
     xp = q.xp
     T, S = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if backend.is_cupy_array(q.data):
-        from .kernels import attention as fused
-        m = attn_mask.data if isinstance(attn_mask, Tensor) else attn_mask
-        if fused.supported(q.data, k.data, v.data, m):
-            key_mask = None if m is None else fused.key_mask_of(m, S)
-            out, lse = fused.forward(q.data, k.data, v.data, key_mask, is_causal, scale)
-            return Tensor._from_op(out, (q, k, v), lambda g: fused.backward(
-                q.data, k.data, v.data, out, lse, g, key_mask, is_causal, scale), "fused_attention")
+    m = attn_mask.data if isinstance(attn_mask, Tensor) else attn_mask
+    if backend.is_cupy_array(q.data) and fused_attention.supported(q.data, k.data, v.data, m):
+        key_mask = None if m is None else fused_attention.key_mask_of(m, S)
+        out, lse = fused_attention.forward(q.data, k.data, v.data, key_mask, is_causal, scale)
+        return Tensor._from_op(out, (q, k, v), lambda g: fused_attention.backward(
+            q.data, k.data, v.data, out, lse, g, key_mask, is_causal, scale), "fused_attention")
     s = xp.matmul(q.data, xp.swapaxes(k.data, -1, -2)) * scale
     bias = _attention_mask(xp, T, S, is_causal, attn_mask, q.dtype)
     if bias is not None:
@@ -726,14 +725,12 @@ def token_logprobs(logits, targets):
     if idx.size and not backend.is_cupy_array(idx) and (idx.min() < 0 or idx.max() >= V):
         raise IndexError(f"token_logprobs: targets must lie in [0, {V}), got min {int(idx.min())} "
                          f"max {int(idx.max())}")
-    if backend.is_cupy_array(logits.data):
-        from .kernels import logprobs as fused
-        x2 = logits.data.reshape(-1, V)
-        if fused.supported(x2):
-            t = idx.reshape(-1)
-            out, lse = fused.forward(x2, t)
-            return Tensor._from_op(out.reshape(idx.shape), (logits,), lambda g: (
-                fused.backward(x2, t, lse, g.reshape(-1)).reshape(logits.shape),), "fused_token_logprobs")
+    x2 = logits.data.reshape(-1, V)
+    if backend.is_cupy_array(x2) and fused_logprobs.supported(x2):
+        t = idx.reshape(-1)
+        out, lse = fused_logprobs.forward(x2, t)
+        return Tensor._from_op(out.reshape(idx.shape), (logits,), lambda g: (
+            fused_logprobs.backward(x2, t, lse, g.reshape(-1)).reshape(logits.shape),), "fused_token_logprobs")
     xp = logits.xp
     x = logits.data
     m = x.max(axis=-1, keepdims=True)
@@ -796,12 +793,11 @@ def linear_token_logprobs(hidden, weight, targets, chunk_size=1024):
     if idx.size and not backend.is_cupy_array(idx) and (idx.min() < 0 or idx.max() >= V):
         raise IndexError(f"linear_token_logprobs: targets must lie in [0, {V}), got min {int(idx.min())} "
                          f"max {int(idx.max())}")
-    if backend.is_cupy_array(hidden.data):
-        from .kernels import logprobs as impl
-    else:
-        from .kernels import reference as impl
     h2 = hidden.data.reshape(-1, hidden.shape[-1])
     t = idx.reshape(-1)
+    impl = kernel_reference  # the same chunked algorithm in array ops: NumPy, or CuPy where no kernel fits
+    if backend.is_cupy_array(h2) and fused_logprobs.linear_supported(h2, weight.data):
+        impl = fused_logprobs
     out, lse = impl.linear_logprobs_forward(h2, weight.data, t, chunk_size)
 
     def backward(g):

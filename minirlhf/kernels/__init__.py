@@ -22,8 +22,8 @@ CuPy is imported only when a kernel is first launched, never when this package i
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent
-_modules = {}
-_kernels = {}
+_modules = {}  # (device, filename) -> cupy.RawModule
+_kernels = {}  # (device, filename, name) -> [cupy.RawKernel, dynamic shared memory it may use]
 
 
 def cu_sources():
@@ -32,18 +32,22 @@ def cu_sources():
 
 
 def load_module(filename):
-    """The ``cupy.RawModule`` of ``filename`` (in this directory), compiled by NVRTC on first use and cached."""
-    if filename not in _modules:
-        import cupy
+    """The ``cupy.RawModule`` of ``filename`` (in this directory) on the current device, compiled by
+    NVRTC on first use there and cached (a module is loaded into one device's context)."""
+    import cupy
+    key = (cupy.cuda.runtime.getDevice(), filename)
+    if key not in _modules:
         code = (SOURCE_DIR / filename).read_text()
-        _modules[filename] = cupy.RawModule(code=code, options=("-std=c++17",))
-    return _modules[filename]
+        _modules[key] = cupy.RawModule(code=code, options=("-std=c++17",))
+    return _modules[key]
 
 
 def kernel(filename, name, shared_mem=0):
-    """The kernel ``name`` of ``filename``'s module (cached), allowed ``shared_mem`` bytes of dynamic
-    shared memory (above 48 KB a kernel must opt in before its launch)."""
-    key = (filename, name)
+    """The kernel ``name`` of ``filename``'s module on the current device (cached), allowed
+    ``shared_mem`` bytes of dynamic shared memory (above 48 KB a kernel must opt in, per device,
+    before its launch)."""
+    import cupy
+    key = (cupy.cuda.runtime.getDevice(), filename, name)
     if key not in _kernels:
         _kernels[key] = [load_module(filename).get_function(name), 48 * 1024]
     entry = _kernels[key]

@@ -1,10 +1,12 @@
 // Fused scaled-dot-product attention, forward and backward (FlashAttention-2, Dao 2023), fp32.
 //
-//   out = softmax(q kᵀ · scale + mask) v          q (BH, T, D), k (BH, S, D), v (BH, S, D)
+//   out = softmax(q kᵀ · scale + mask) v          q (BH, T, D), k (BHkv, S, D), v (BHkv, S, D)
 //
 // Memory layout: q, k, v, out, dq, dk, dv are contiguous row-major float32 arrays of shape
 // (BH, rows, D) (BH = batch × heads flattened); lse and delta are (BH, T); key_mask, when given,
 // is a (BH, S) uint8 array, 1 where a key may be attended (left padding). D is 32, 64 or 128.
+// Grouped-query attention: k and v may have fewer heads, BHkv = BH / group; query head bh reads
+// key/value head bh / group (heads are the innermost batch axis, so that is batch b, head h / group).
 //
 // Mask: query i may attend key j iff j < S, key_mask[j] != 0 (if given) and, when causal,
 // j <= i + (S − T) (bottom-right alignment, as F.scaled_dot_product_attention). A query row
@@ -24,12 +26,13 @@
 //   lse would be rounded twice on the way to natural units and back). S·scale is rounded the same
 //   way in both passes (__fmul_rn: never fused into an FMA with the subtraction that follows).
 //
-// Backward (one block per BLOCK_N keys of one (batch, head)), after delta = rowsum(dO ∘ O):
-//   K_j, V_j stay in shared memory; dK_j, dV_j accumulate in registers. For each query tile i
-//   at or below the causal diagonal: recompute S = Q_i K_jᵀ and P = exp(S·scale − lse) (no
+// Backward (one block per BLOCK_N keys of one key/value head), after delta = rowsum(dO ∘ O):
+//   K_j, V_j stay in shared memory; dK_j, dV_j accumulate in registers. For each of the group's
+//   query heads and each of its query tiles i at or below the causal diagonal: recompute S = Q_i K_jᵀ and P = exp(S·scale − lse) (no
 //   second softmax pass: lse was saved), dP = dO_i V_jᵀ, dS = P ∘ (dP − delta);
 //   dV_j += Pᵀ dO_i, dK_j += scale · dSᵀ Q_i, and dQ_i += scale · dS K_j by atomicAdd into
-//   a zeroed fp32 dq (every key block adds its share). S, dP are 4×4 micro-tiles per thread;
+//   a zeroed fp32 dq (every key block adds its share; a float4 atomic on sm_90). S, dP are 4×4
+//   micro-tiles per thread;
 //   P and dS go through shared memory for the three products that contract over them. The next
 //   Q_i, dO_i tiles are copied (cp.async) while the current ones are used, where shared memory
 //   allows it (D <= 64).
@@ -48,32 +51,41 @@ constexpr int BWD_THREADS = 256;   // backward: 16 × 16 groups, 4×4 scores eac
 constexpr int DELTA_THREADS = 256; // delta = rowsum(dO ∘ O): one warp per row
 constexpr float LOG2E = 1.4426950408889634f;
 
-// ------------------------------------------------------------------ copies
-// 16 bytes global → shared; zero-fills when !valid (rows past the end of the sequence).
-// Asynchronous (cp.async, sm_80+) so the copy of the next tile overlaps the arithmetic.
-__device__ __forceinline__ void copy16_async(float* dst, const float* src, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    unsigned dst_addr = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-    int src_bytes = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_addr), "l"(src), "r"(src_bytes));
+// ------------------------------------------------------------------ PTX instructions
+// cp.async (sm_80+): 16 bytes global → shared without a trip through registers, so the copy of
+// the next tile overlaps the arithmetic on this one. src_bytes < 16 zero-fills the rest (rows past
+// the end of the sequence). A copy is complete, and its data visible to this thread, only after a
+// cp.async.wait_group that retires its commit group; other threads see it after a barrier as well.
+// The "memory" clobbers keep the compiler from moving shared-memory accesses across them.
+// The CPU execution harness (tests/cuda_cpu/cuda_cpu.h) brings its own model of these three.
+#ifndef CUDA_CPU_HARNESS
+__device__ __forceinline__ void cp_async_16(float* dst, const float* src, int src_bytes) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned dst_addr = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_addr), "l"(src), "r"(src_bytes)
+                 : "memory");
 #else
-    *reinterpret_cast<float4*>(dst) = valid ? *reinterpret_cast<const float4*>(src) : make_float4(0.f, 0.f, 0.f, 0.f);
+    *reinterpret_cast<float4*>(dst) =
+        src_bytes ? *reinterpret_cast<const float4*>(src) : make_float4(0.f, 0.f, 0.f, 0.f);
 #endif
 }
 
-__device__ __forceinline__ void async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::);
+__device__ __forceinline__ void cp_async_commit_group() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 
-// Wait until at most `pending` committed groups are still in flight.
+// Wait until at most `pending` committed groups of this thread are still in flight.
 template <int pending>
-__device__ __forceinline__ void async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
+__device__ __forceinline__ void cp_async_wait_group() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
 #endif
 }
+#endif
+
+// ------------------------------------------------------------------ copies
 
 // Rows [row0, row0 + ROWS) of a (rows, D) matrix into shared memory with row stride D + PAD.
 template <int D, int ROWS, int THREADS>
@@ -83,7 +95,7 @@ __device__ __forceinline__ void load_tile_async(float* dst, const float* src, in
         int r = c / CHUNKS, col = (c % CHUNKS) * 4;
         bool valid = row0 + r < n_rows;
         const float* from = valid ? src + (size_t)(row0 + r) * D + col : src;
-        copy16_async(dst + r * (D + PAD) + col, from, valid);
+        cp_async_16(dst + r * (D + PAD) + col, from, valid ? 16 : 0);
     }
 }
 
@@ -124,6 +136,29 @@ __device__ __forceinline__ void store_columns(float* row, int tx, const float (&
         } else {
             *reinterpret_cast<float2*>(row + g * 32 + tx * 2) = make_float2(x[2 * g] * factor, x[2 * g + 1] * factor);
         }
+    }
+}
+
+// row[columns of thread tx] += x · factor, atomically: other blocks add to the same row. One
+// vector atomic per VEC adjacent columns on sm_90 (float4 / float2 atomicAdd), VEC scalar ones before.
+template <int D>
+__device__ __forceinline__ void atomic_add_columns(float* row, int tx, const float (&x)[D / 16], float factor) {
+    using C = Columns<D>;
+#pragma unroll
+    for (int g = 0; g < C::N / C::VEC; ++g) {
+        float* at = row + g * 16 * C::VEC + tx * C::VEC;
+        const float* xg = x + g * C::VEC;
+#if defined(CUDA_CPU_HARNESS) || __CUDA_ARCH__ >= 900
+        if constexpr (C::VEC == 4) {
+            atomicAdd(reinterpret_cast<float4*>(at), make_float4(xg[0] * factor, xg[1] * factor, xg[2] * factor,
+                                                                 xg[3] * factor));
+        } else {
+            atomicAdd(reinterpret_cast<float2*>(at), make_float2(xg[0] * factor, xg[1] * factor));
+        }
+#else
+#pragma unroll
+        for (int u = 0; u < C::VEC; ++u) atomicAdd(at + u, xg[u] * factor);
+#endif
     }
 }
 
@@ -169,14 +204,16 @@ __device__ __forceinline__ void attention_forward_block(const float* __restrict_
     float* Vs = Ks + BLOCK_N * LD;  // (BLOCK_N, LD)
     float* Ps = Vs + BLOCK_N * LD;  // (BLOCK_M, P_LD)
 
-    const int bh = blockIdx.y;
+    // grouped-query: blockIdx.z is the key/value head, blockIdx.y one of the gridDim.y query heads that read it
+    const int kv_bh = blockIdx.z;
+    const int bh = kv_bh * gridDim.y + blockIdx.y;
     // the last query tiles see the most keys: start them first so the tail of the grid is short
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BLOCK_M;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const int offset = S - T;
     const float* qb = q + (size_t)bh * T * D;
-    const float* kb = k + (size_t)bh * S * D;
-    const float* vb = v + (size_t)bh * S * D;
+    const float* kb = k + (size_t)kv_bh * S * D;
+    const float* vb = v + (size_t)kv_bh * S * D;
     const unsigned char* mb = key_mask ? key_mask + (size_t)bh * S : nullptr;
 
     // keys any row of this tile may see: causal tiles past the diagonal are skipped entirely
@@ -184,12 +221,12 @@ __device__ __forceinline__ void attention_forward_block(const float* __restrict_
     if (causal) n_keys = min(S, max(0, min(q0 + BLOCK_M, T) + offset));
     const int n_tiles = (n_keys + BLOCK_N - 1) / BLOCK_N;
 
-    load_tile_async<D, BLOCK_M, FWD_THREADS>(Qs, qb, q0, T);
-    async_commit();
+    if (n_tiles > 0) load_tile_async<D, BLOCK_M, FWD_THREADS>(Qs, qb, q0, T);
+    cp_async_commit_group();
     if (n_tiles > 0) load_tile_async<D, BLOCK_N, FWD_THREADS>(Ks, kb, 0, S);
-    async_commit();
+    cp_async_commit_group();
     if (n_tiles > 0) load_tile_async<D, BLOCK_N, FWD_THREADS>(Vs, vb, 0, S);
-    async_commit();
+    cp_async_commit_group();
 
     float m[TM], l[TM], acc[TM][NC];
 #pragma unroll
@@ -202,7 +239,7 @@ __device__ __forceinline__ void attention_forward_block(const float* __restrict_
 
     for (int t = 0; t < n_tiles; ++t) {
         const int k0 = t * BLOCK_N;
-        async_wait<1>();  // Q and K_t have landed (V_t may still be in flight)
+        cp_async_wait_group<1>();  // Q and K_t have landed (V_t may still be in flight)
         __syncthreads();
 
         float s[TM][TN];
@@ -224,7 +261,7 @@ __device__ __forceinline__ void attention_forward_block(const float* __restrict_
         }
         __syncthreads();  // every thread is done with Ks
         if (t + 1 < n_tiles) load_tile_async<D, BLOCK_N, FWD_THREADS>(Ks, kb, k0 + BLOCK_N, S);
-        async_commit();
+        cp_async_commit_group();
 
         // online softmax
 #pragma unroll
@@ -250,7 +287,7 @@ __device__ __forceinline__ void attention_forward_block(const float* __restrict_
                 Ps[(ty + 8 * i) * P_LD + tx + 16 * j] = p;
             }
         }
-        async_wait<1>();  // V_t has landed (K_{t+1} may still be in flight)
+        cp_async_wait_group<1>();  // V_t has landed (K_{t+1} may still be in flight)
         __syncthreads();  // ... and P is in shared memory
 
 #pragma unroll 2
@@ -272,9 +309,8 @@ __device__ __forceinline__ void attention_forward_block(const float* __restrict_
         }
         __syncthreads();  // every thread is done with Vs and Ps
         if (t + 1 < n_tiles) load_tile_async<D, BLOCK_N, FWD_THREADS>(Vs, vb, k0 + BLOCK_N, S);
-        async_commit();
-    }
-    async_wait<0>();
+        cp_async_commit_group();
+    }  // the last tile's two commit groups are empty: no copy is in flight past here
 
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
@@ -320,13 +356,14 @@ __device__ __forceinline__ void attention_backward_block(const float* __restrict
                                                          const float* __restrict__ delta,
                                                          const float* __restrict__ dout, float* __restrict__ dq,
                                                          float* __restrict__ dk, float* __restrict__ dv, int T, int S,
-                                                         float scale, int causal) {
+                                                         int group, float scale, int causal) {
     constexpr int LD = D + PAD;
     constexpr int TM = BLOCK_M / 16;  // score rows per thread: ty + 16·i
     constexpr int TN = BLOCK_N / 16;  // score columns per thread: tx + 16·j
     constexpr int NC = Columns<D>::N;
     constexpr int TK = BLOCK_N / 16;  // dK/dV rows per thread: ty·4 + i
-    constexpr int TQ = BLOCK_M / 16;  // dQ rows per thread: ty·4 + i
+    constexpr int TQ = BLOCK_M / 16;  // dQ rows per thread: ty + 16·i (ty·4 + i would put the two
+                                      // rows a warp reads of dS in the same bank: 4·P_LD ≡ 0 mod 32)
     constexpr int STAGES = BackwardStages<D>::N;
     extern __shared__ __align__(16) float smem[];
     float* Ks = smem;                            // (BLOCK_N, LD), resident
@@ -336,30 +373,35 @@ __device__ __forceinline__ void attention_backward_block(const float* __restrict
     float* Ps = dO_stages + STAGES * BLOCK_M * LD;        // (BLOCK_M, P_LD)
     float* dSs = Ps + BLOCK_M * P_LD;                     // (BLOCK_M, P_LD)
 
-    const int bh = blockIdx.y;
+    const int kv_bh = blockIdx.y;  // the query heads kv_bh·group + g (g < group) read these keys
     const int k0 = blockIdx.x * BLOCK_N;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const int offset = S - T;
-    const float* qb = q + (size_t)bh * T * D;
-    const float* kb = k + (size_t)bh * S * D;
-    const float* vb = v + (size_t)bh * S * D;
-    const float* dob = dout + (size_t)bh * T * D;
-    const unsigned char* mb = key_mask ? key_mask + (size_t)bh * S : nullptr;
+    const float* kb = k + (size_t)kv_bh * S * D;
+    const float* vb = v + (size_t)kv_bh * S * D;
 
-    // causal: query i sees key k0 only if i >= k0 − offset; earlier query tiles are skipped
+    // causal: query i sees key k0 only if i >= k0 − offset; earlier query tiles are skipped.
+    // Steps walk the query tiles of each query head of the group in turn.
     const int first_query = causal ? max(0, k0 - offset) : 0;
     const int first_tile = first_query / BLOCK_M;
-    const int n_tiles = first_query < T ? (T + BLOCK_M - 1) / BLOCK_M : 0;
-    auto load_query_tile = [&](int qt, int stage) {
-        load_tile_async<D, BLOCK_M, BWD_THREADS>(Q_stages + stage * BLOCK_M * LD, qb, qt * BLOCK_M, T);
-        load_tile_async<D, BLOCK_M, BWD_THREADS>(dO_stages + stage * BLOCK_M * LD, dob, qt * BLOCK_M, T);
+    const int tiles_per_head = first_query < T ? (T + BLOCK_M - 1) / BLOCK_M - first_tile : 0;
+    const int n_steps = group * tiles_per_head;
+    auto head_of = [&](int step) { return kv_bh * group + step / tiles_per_head; };
+    auto tile_of = [&](int step) { return first_tile + step % tiles_per_head; };
+    auto load_query_tile = [&](int step, int stage) {
+        const size_t at = (size_t)head_of(step) * T * D;
+        load_tile_async<D, BLOCK_M, BWD_THREADS>(Q_stages + stage * BLOCK_M * LD, q + at, tile_of(step) * BLOCK_M, T);
+        load_tile_async<D, BLOCK_M, BWD_THREADS>(dO_stages + stage * BLOCK_M * LD, dout + at, tile_of(step) * BLOCK_M,
+                                                 T);
     };
 
-    load_tile_async<D, BLOCK_N, BWD_THREADS>(Ks, kb, k0, S);
-    load_tile_async<D, BLOCK_N, BWD_THREADS>(Vs, vb, k0, S);
-    async_commit();
-    if (STAGES == 2 && first_tile < n_tiles) load_query_tile(first_tile, 0);
-    async_commit();
+    if (n_steps > 0) {  // else no query sees these keys: dK = dV = 0
+        load_tile_async<D, BLOCK_N, BWD_THREADS>(Ks, kb, k0, S);
+        load_tile_async<D, BLOCK_N, BWD_THREADS>(Vs, vb, k0, S);
+    }
+    cp_async_commit_group();
+    if (STAGES == 2 && n_steps > 0) load_query_tile(0, 0);
+    cp_async_commit_group();
 
     float dk_acc[TK][NC], dv_acc[TK][NC];
 #pragma unroll
@@ -367,19 +409,21 @@ __device__ __forceinline__ void attention_backward_block(const float* __restrict
 #pragma unroll
         for (int e = 0; e < NC; ++e) dk_acc[i][e] = dv_acc[i][e] = 0.f;
 
-    for (int qt = first_tile; qt < n_tiles; ++qt) {
-        const int q0 = qt * BLOCK_M;
-        const int stage = STAGES == 2 ? (qt - first_tile) & 1 : 0;
+    for (int step = 0; step < n_steps; ++step) {
+        const int bh = head_of(step);
+        const int q0 = tile_of(step) * BLOCK_M;
+        const unsigned char* mb = key_mask ? key_mask + (size_t)bh * S : nullptr;
+        const int stage = STAGES == 2 ? step & 1 : 0;
         const float* Qs = Q_stages + stage * BLOCK_M * LD;
         const float* dOs = dO_stages + stage * BLOCK_M * LD;
         if constexpr (STAGES == 2) {
-            if (qt + 1 < n_tiles) load_query_tile(qt + 1, stage ^ 1);
-            async_commit();
-            async_wait<1>();  // this tile has landed; the next one may still be in flight
+            if (step + 1 < n_steps) load_query_tile(step + 1, stage ^ 1);
+            cp_async_commit_group();
+            cp_async_wait_group<1>();  // this tile has landed; the next one may still be in flight
         } else {
-            load_query_tile(qt, 0);
-            async_commit();
-            async_wait<0>();
+            load_query_tile(step, 0);
+            cp_async_commit_group();
+            cp_async_wait_group<0>();
         }
         // lse (+inf where P must be 0: rows past T, rows that attend nothing) and delta
         float row_lse[TM], row_delta[TM];
@@ -453,7 +497,7 @@ __device__ __forceinline__ void attention_backward_block(const float* __restrict
             }
         }
 
-        // dQ += dS K for queries ty·4 + i, added atomically: other key blocks add to the same rows
+        // dQ += dS K for queries ty + 16·i, added atomically: other key blocks add to the same rows
         float dq_acc[TQ][NC];
 #pragma unroll
         for (int i = 0; i < TQ; ++i)
@@ -463,7 +507,7 @@ __device__ __forceinline__ void attention_backward_block(const float* __restrict
         for (int c = 0; c < BLOCK_N; c += 4) {
             float4 dsv[TQ];
 #pragma unroll
-            for (int i = 0; i < TQ; ++i) dsv[i] = *reinterpret_cast<const float4*>(dSs + (ty * TQ + i) * P_LD + c);
+            for (int i = 0; i < TQ; ++i) dsv[i] = *reinterpret_cast<const float4*>(dSs + (ty + 16 * i) * P_LD + c);
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
                 float kr[NC];
@@ -478,22 +522,17 @@ __device__ __forceinline__ void attention_backward_block(const float* __restrict
         }
 #pragma unroll
         for (int i = 0; i < TQ; ++i) {
-            const int row = q0 + ty * TQ + i;
-            if (row < T) {
-                float* dq_row = dq + ((size_t)bh * T + row) * D;
-#pragma unroll
-                for (int e = 0; e < NC; ++e) atomicAdd(dq_row + Columns<D>::col(tx, e), dq_acc[i][e] * scale);
-            }
+            const int row = q0 + ty + 16 * i;
+            if (row < T) atomic_add_columns<D>(dq + ((size_t)bh * T + row) * D, tx, dq_acc[i], scale);
         }
         __syncthreads();  // before the next tile's copies and P, dS overwrite these buffers
-    }
-    async_wait<0>();
+    }  // the last step's commit group is empty or already retired: no copy is in flight past here
 
 #pragma unroll
     for (int i = 0; i < TK; ++i) {
         const int key = k0 + ty * TK + i;
         if (key < S) {
-            const size_t at = ((size_t)bh * S + key) * D;
+            const size_t at = ((size_t)kv_bh * S + key) * D;
             store_columns<D>(dv + at, tx, dv_acc[i], 1.f);
             store_columns<D>(dk + at, tx, dk_acc[i], scale);
         }
@@ -501,7 +540,7 @@ __device__ __forceinline__ void attention_backward_block(const float* __restrict
 }
 
 // --------------------------------------------------------- entry points
-// Grid: forward (ceil(T / BLOCK_M), BH) × FWD_THREADS, backward (ceil(S / BLOCK_N), BH) × BWD_THREADS;
+// Grid: forward (ceil(T / BLOCK_M), group, BHkv) × FWD_THREADS, backward (ceil(S / BLOCK_N), BHkv) × BWD_THREADS;
 // dynamic shared memory as computed by minirlhf/kernels/attention.py.
 #define ATTENTION_ENTRY_POINTS(D)                                                                                  \
     extern "C" __global__ void __launch_bounds__(FWD_THREADS)                                                     \
@@ -515,8 +554,8 @@ __device__ __forceinline__ void attention_backward_block(const float* __restrict
                             const unsigned char* __restrict__ key_mask, const float* __restrict__ lse,            \
                             const float* __restrict__ delta, const float* __restrict__ dout,                      \
                             float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv, int T, int S, \
-                            float scale, int causal) {                                                            \
-        attention_backward_block<D>(q, k, v, key_mask, lse, delta, dout, dq, dk, dv, T, S, scale, causal);        \
+                            int group, float scale, int causal) {                                                 \
+        attention_backward_block<D>(q, k, v, key_mask, lse, delta, dout, dq, dk, dv, T, S, group, scale, causal); \
     }
 
 ATTENTION_ENTRY_POINTS(32)

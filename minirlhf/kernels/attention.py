@@ -1,6 +1,6 @@
 """Fused scaled-dot-product attention on the GPU (FlashAttention-2, Dao 2023): CuPy launchers for attention.cu.
 
-    out = softmax(q kᵀ · scale + mask) v,   q (..., T, d), k (..., S, d), v (..., S, d)
+    out = softmax(q kᵀ · scale + mask) v,   q (..., Hq, T, d), k (..., Hkv, S, d), v (..., Hkv, S, d)
 
 Forward: one CUDA block per 64 query rows of one (batch, head). Keys and values stream through
 shared memory 64 at a time; each thread holds an 8 × 4 patch of the 64 × 64 score tile in
@@ -9,15 +9,22 @@ registers and keeps, per query row, the running maximum m and sum l of the onlin
 written: memory O(T·d) instead of the O(T·S) probabilities the plain formula keeps for its
 backward. Causal key tiles past the diagonal are not even loaded (about half the work at T = S).
 
-Backward: delta = rowsum(dO ∘ O), then one block per 64 keys: for every query tile that can
-see them, P = exp(q kᵀ·scale − lse) is recomputed, dV += Pᵀ dO, dS = P ∘ (dO vᵀ − delta),
-dK += scale·dSᵀ q, and scale·dS k is added atomically into dq.
+Backward: delta = rowsum(dO ∘ O), then one block per 64 keys of a key/value head: for every
+query tile (of each query head that reads the head) that can see them, P = exp(q kᵀ·scale − lse)
+is recomputed, dV += Pᵀ dO, dS = P ∘ (dO vᵀ − delta), dK += scale·dSᵀ q, and scale·dS k is added
+atomically into dq.
+
+Grouped-query attention (Ainslie et al. 2023): k and v may have fewer heads than q, Hq = group·Hkv;
+query head h reads key/value head h // group, by index in the kernel (no expanded copy of k, v).
 
 Supported (else ``minirlhf.functional`` uses its plain path): float32; head dim 32, 64 or 128
 (with the shared memory that needs: up to 176 KB per block at d = 128, so sm_80 or newer there);
-q, k, v with the same leading (batch, head) shape; no mask, ``is_causal`` (aligned
-bottom-right), and/or a boolean key-padding mask that is the same for every query
-(shape (..., 1, S) or (S,), True = may attend). Rows that may attend nothing give zeros.
+q, k, v with the same batch axes and Hq a multiple of Hkv; at least ``MIN_QUERY_ROWS`` query rows
+(decoding one token after a KV cache would leave 63 of a tile's 64 query rows idle: the plain
+path's two small matrix products are the better kernel there); no mask, ``is_causal`` (aligned
+bottom-right), and/or a boolean key-padding mask that is the same for every query (shape
+(..., 1, S) or (S,), True = may attend) and broadcasts to q's batch axes without adding any.
+Rows that may attend nothing give zeros.
 The NumPy twin of both passes is ``reference.attention_forward`` / ``attention_backward``.
 """
 import functools
@@ -36,8 +43,9 @@ FWD_THREADS = 128
 BWD_THREADS = 256
 DELTA_THREADS = 256
 HEAD_DIMS = (32, 64, 128)
+MIN_QUERY_ROWS = 16  # fewer query rows (decoding) take the plain path
 _NULL = np.uint64(0)  # a null pointer argument (no key mask)
-_MAX_GRID_Y = 65535
+_MAX_GRID_YZ = 65535
 
 
 def forward_shared_bytes(d):
@@ -74,6 +82,15 @@ def key_mask_of(attn_mask, n_keys):
     return attn_mask[..., 0, :]
 
 
+def heads_group(q, k):
+    """Hq // Hkv, the query heads that share one key/value head, or None if the heads do not fit."""
+    if q.ndim < 3:
+        return 1 if q.shape[:-2] == k.shape[:-2] else None
+    if q.shape[:-3] != k.shape[:-3] or k.shape[-3] < 1 or q.shape[-3] % k.shape[-3]:
+        return None
+    return q.shape[-3] // k.shape[-3]
+
+
 def supported(q, k, v, attn_mask=None):
     """True if the fused kernels handle these CuPy arrays (see the module docstring)."""
     if not (q.dtype == k.dtype == v.dtype == np.float32):
@@ -83,11 +100,13 @@ def supported(q, k, v, attn_mask=None):
     d = q.shape[-1]
     if d not in HEAD_DIMS or k.shape[-1] != d or v.shape[-1] != d:
         return False
-    if not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]) or k.shape[-2] != v.shape[-2]:
+    group = heads_group(q, k)
+    if group is None or k.shape != v.shape:
         return False
     T, S = q.shape[-2], k.shape[-2]
     bh = math.prod(q.shape[:-2])
-    if min(T, S, bh) < 1 or bh > _MAX_GRID_Y or bh * max(T, S) * d >= 2 ** 31:
+    if T < MIN_QUERY_ROWS or min(S, bh) < 1 or max(group, bh // group) > _MAX_GRID_YZ \
+            or bh * max(T, S) * d >= 2 ** 31:
         return False
     if backend.is_cupy_array(q):
         import cupy
@@ -100,19 +119,21 @@ def supported(q, k, v, attn_mask=None):
         km = key_mask_of(attn_mask, S)
         if km is None:
             return False
+        batch = q.shape[:-2] + (S,)
         try:
-            np.broadcast_shapes(km.shape, q.shape[:-2] + (S,))
+            if np.broadcast_shapes(km.shape, batch) != batch:
+                return False  # the mask adds batch axes: the plain path's output has them too
         except ValueError:
             return False
     return True
 
 
-def _as_rows(cp, x, bh):
-    """x as a C-contiguous, 16-byte-aligned float32 array of shape (bh, rows, d)."""
+def _as_rows(cp, x):
+    """x as a C-contiguous, 16-byte-aligned float32 array of shape (heads, rows, d), heads = prod(batch)."""
     x = cp.ascontiguousarray(x, dtype=cp.float32)
     if x.data.ptr % 16:
         x = x.copy()
-    return x.reshape(bh, x.shape[-2], x.shape[-1])
+    return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
 def _key_mask_rows(cp, key_mask, batch, S):
@@ -123,17 +144,18 @@ def _key_mask_rows(cp, key_mask, batch, S):
 
 
 def forward(q, k, v, key_mask=None, is_causal=False, scale=None):
-    """out (..., T, d) and lse (..., T) of the fused forward; ``key_mask`` broadcastable to (..., S)."""
+    """out (..., Hq, T, d) and lse (..., Hq, T) of the fused forward; k, v (..., Hkv, S, d) with Hkv
+    dividing Hq; ``key_mask`` broadcastable to (..., Hq, S)."""
     import cupy as cp
     batch, (T, d), S = q.shape[:-2], q.shape[-2:], k.shape[-2]
-    bh = math.prod(batch)
+    bh, group = math.prod(batch), heads_group(q, k)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    q3, k3, v3 = _as_rows(cp, q, bh), _as_rows(cp, k, bh), _as_rows(cp, v, bh)
+    q3, k3, v3 = _as_rows(cp, q), _as_rows(cp, k), _as_rows(cp, v)
     out = cp.empty((bh, T, d), dtype=cp.float32)
     lse = cp.empty((bh, T), dtype=cp.float32)
     shared = forward_shared_bytes(d)
     kernel("attention.cu", f"attention_forward_d{d}", shared)(
-        ((T + BLOCK_M - 1) // BLOCK_M, bh), (FWD_THREADS,),
+        ((T + BLOCK_M - 1) // BLOCK_M, group, bh // group), (FWD_THREADS,),
         (q3, k3, v3, _key_mask_rows(cp, key_mask, batch, S), out, lse,
          np.int32(T), np.int32(S), np.float32(scale), np.int32(bool(is_causal))),
         shared_mem=shared)
@@ -141,13 +163,14 @@ def forward(q, k, v, key_mask=None, is_causal=False, scale=None):
 
 
 def backward(q, k, v, out, lse, dout, key_mask=None, is_causal=False, scale=None):
-    """dq, dk, dv of the fused attention, from the forward's ``out`` and ``lse`` and the output gradient."""
+    """dq, dk, dv of the fused attention, from the forward's ``out`` and ``lse`` and the output gradient
+    (dk, dv sum over the query heads that share a key/value head)."""
     import cupy as cp
     batch, (T, d), S = q.shape[:-2], q.shape[-2:], k.shape[-2]
-    bh = math.prod(batch)
+    bh, group = math.prod(batch), heads_group(q, k)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    q3, k3, v3 = _as_rows(cp, q, bh), _as_rows(cp, k, bh), _as_rows(cp, v, bh)
-    o3, do3 = _as_rows(cp, out, bh), _as_rows(cp, dout, bh)
+    q3, k3, v3 = _as_rows(cp, q), _as_rows(cp, k), _as_rows(cp, v)
+    o3, do3 = _as_rows(cp, out), _as_rows(cp, dout)
     lse2 = cp.ascontiguousarray(lse, dtype=cp.float32).reshape(bh, T)
     delta = cp.empty((bh, T), dtype=cp.float32)
     rows = bh * T
@@ -156,12 +179,12 @@ def backward(q, k, v, out, lse, dout, key_mask=None, is_causal=False, scale=None
         ((rows + warps_per_block - 1) // warps_per_block,), (DELTA_THREADS,),
         (o3, do3, delta, np.int32(rows), np.int32(d)))
     dq = cp.zeros((bh, T, d), dtype=cp.float32)  # key blocks add into it atomically
-    dk = cp.empty((bh, S, d), dtype=cp.float32)
-    dv = cp.empty((bh, S, d), dtype=cp.float32)
+    dk = cp.empty(k3.shape, dtype=cp.float32)
+    dv = cp.empty(k3.shape, dtype=cp.float32)
     shared = backward_shared_bytes(d)
     kernel("attention.cu", f"attention_backward_d{d}", shared)(
-        ((S + BLOCK_N - 1) // BLOCK_N, bh), (BWD_THREADS,),
+        ((S + BLOCK_N - 1) // BLOCK_N, bh // group), (BWD_THREADS,),
         (q3, k3, v3, _key_mask_rows(cp, key_mask, batch, S), lse2, delta, do3, dq, dk, dv,
-         np.int32(T), np.int32(S), np.float32(scale), np.int32(bool(is_causal))),
+         np.int32(T), np.int32(S), np.int32(group), np.float32(scale), np.int32(bool(is_causal))),
         shared_mem=shared)
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)

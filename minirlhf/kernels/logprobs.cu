@@ -10,7 +10,10 @@
 // s = Σ exp(x − m) over the elements it reads (when a larger element arrives, s is rescaled by
 // exp(m_old − m_new)); the block then merges the (m, s) pairs by a warp-shuffle tree and
 // shared memory. The logits are read exactly once and no (N, V) buffer is written: only lse
-// is saved for the backward. A target outside [0, V) gives out = NaN.
+// is saved for the backward. out = (x_t − m) − log s, not x_t − lse: with logits of 1e30 the
+// rounding of m + log s would swallow log s. A NaN or +inf logit makes the row's out and lse NaN
+// (as the plain formula's max-shifted exponentials do); a target outside [0, V) gives out = NaN.
+// The block's (m, s) merge uses 2 × 8 floats of dynamic shared memory (the launcher passes them).
 //
 // Backward: one pass over the row, reading each logit once and writing each gradient once.
 // grad_logits may be the logits buffer itself (the gradient overwrites the logits in place).
@@ -27,27 +30,30 @@ constexpr int LOGPROB_THREADS = 256;  // threads per row
 constexpr int UNROLL = 4;             // float4 loads in flight per thread
 constexpr float LOG2E = 1.4426950408889634f;
 
+// e^(x − m) for the running maximum m; while m is −inf (nothing but −inf seen) the shift is 0,
+// so a −inf element adds 0 and a NaN adds NaN (fmaxf ignores NaN, so the sum must carry it).
+__device__ __forceinline__ float shifted_exp(float x, float m) {
+    return exp2f((x - (m == NEG_INF ? 0.f : m)) * LOG2E);
+}
+
 // Fold x into the running (m, s).
 __device__ __forceinline__ void online_add(float& m, float& s, float x) {
     const float m_new = fmaxf(m, x);
-    if (m_new == NEG_INF) return;  // nothing but −inf so far
-    s = s * exp2f((m - m_new) * LOG2E) + exp2f((x - m_new) * LOG2E);
+    s = s * shifted_exp(m, m_new) + shifted_exp(x, m_new);
     m = m_new;
 }
 
 __device__ __forceinline__ void online_add4(float& m, float& s, float4 x) {
     const float m_new = fmaxf(fmaxf(m, fmaxf(x.x, x.y)), fmaxf(x.z, x.w));
-    if (m_new == NEG_INF) return;
-    s = s * exp2f((m - m_new) * LOG2E) + exp2f((x.x - m_new) * LOG2E) + exp2f((x.y - m_new) * LOG2E)
-        + exp2f((x.z - m_new) * LOG2E) + exp2f((x.w - m_new) * LOG2E);
+    s = s * shifted_exp(m, m_new) + shifted_exp(x.x, m_new) + shifted_exp(x.y, m_new) + shifted_exp(x.z, m_new)
+        + shifted_exp(x.w, m_new);
     m = m_new;
 }
 
 // (m, s) ⊕ (m2, s2): the pair of the union of the two sets of elements.
 __device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
     const float m_new = fmaxf(m, m2);
-    if (m_new == NEG_INF) return;
-    s = s * exp2f((m - m_new) * LOG2E) + s2 * exp2f((m2 - m_new) * LOG2E);
+    s = s * shifted_exp(m, m_new) + s2 * shifted_exp(m2, m_new);
     m = m_new;
 }
 
@@ -60,7 +66,9 @@ __device__ __forceinline__ int unaligned_head(const float* row, int V) {
 extern "C" __global__ void __launch_bounds__(LOGPROB_THREADS)
 token_logprobs_forward(const float* __restrict__ logits, const long long* __restrict__ targets,
                        float* __restrict__ out, float* __restrict__ lse, int V) {
-    __shared__ float warp_m[LOGPROB_THREADS / 32], warp_s[LOGPROB_THREADS / 32];
+    extern __shared__ float smem[];
+    float* warp_m = smem;                          // (LOGPROB_THREADS / 32,)
+    float* warp_s = smem + LOGPROB_THREADS / 32;   // (LOGPROB_THREADS / 32,)
     const long long row = blockIdx.x;
     const float* x = logits + row * V;
     const int head = unaligned_head(x, V);
@@ -94,9 +102,9 @@ token_logprobs_forward(const float* __restrict__ logits, const long long* __rest
     __syncthreads();
     if (tid == 0) {
         for (int w = 1; w < LOGPROB_THREADS / 32; ++w) merge(m, s, warp_m[w], warp_s[w]);
-        const float log_s = logf(s);  // −inf when every logit is −inf
+        const float log_s = logf(s);  // −inf when every logit is −inf: lse = −inf, out = NaN
         const long long t = targets[row];
-        lse[row] = m == NEG_INF ? NEG_INF : m + log_s;
+        lse[row] = m + log_s;
         out[row] = (t >= 0 && t < V) ? (x[t] - m) - log_s : QUIET_NAN;
     }
 }

@@ -19,9 +19,10 @@ The NumPy twins are ``reference.logprobs_forward`` / ``logprobs_backward`` /
 """
 import numpy as np
 
-from . import kernel, reference
+from . import kernel
 
 THREADS = 256  # threads per row (logprobs.cu)
+FORWARD_SHARED_BYTES = 4 * 2 * (THREADS // 32)  # the forward's per-warp (m, s) pairs
 
 
 def supported(logits):
@@ -30,19 +31,27 @@ def supported(logits):
         and 0 < logits.shape[0] < 2 ** 31
 
 
+def linear_supported(hidden, weight):
+    """True for float32 CuPy hidden (N, C) and weight (V, C): each chunk's logits go through the kernels."""
+    return hidden.dtype == weight.dtype == np.float32 and hidden.ndim == weight.ndim == 2 \
+        and 0 < weight.shape[0] < 2 ** 31
+
+
 def _rows(cp, logits):
     return cp.ascontiguousarray(logits, dtype=cp.float32)
 
 
 def forward(logits, targets):
-    """logp (N,) and lse (N,) for logits (N, V) float32 and integer targets (N,); a target outside [0, V) gives NaN."""
+    """logp (N,) and lse (N,) for logits (N, V) float32 and integer targets (N,); a target outside [0, V) gives
+    NaN, and so does a row holding NaN or +inf (as the plain formula)."""
     import cupy as cp
     x = _rows(cp, logits)
     N, V = x.shape
     t = cp.ascontiguousarray(targets, dtype=cp.int64)
     out = cp.empty(N, dtype=cp.float32)
     lse = cp.empty(N, dtype=cp.float32)
-    kernel("logprobs.cu", "token_logprobs_forward")((N,), (THREADS,), (x, t, out, lse, np.int32(V)))
+    kernel("logprobs.cu", "token_logprobs_forward")((N,), (THREADS,), (x, t, out, lse, np.int32(V)),
+                                                     shared_mem=FORWARD_SHARED_BYTES)
     return out, lse
 
 
@@ -67,8 +76,6 @@ def backward(logits, targets, lse, g, out=None):
 def linear_logprobs_forward(hidden, weight, targets, chunk_size):
     """logp (N,) and lse (N,) of hidden (N, C) @ weight (V, C)ᵀ, a chunk of ``chunk_size`` rows at a time."""
     import cupy as cp
-    if hidden.dtype != np.float32 or weight.dtype != np.float32:
-        return reference.linear_logprobs_forward(hidden, weight, targets, chunk_size)
     N = hidden.shape[0]
     out = cp.empty(N, dtype=cp.float32)
     lse = cp.empty(N, dtype=cp.float32)
@@ -83,9 +90,6 @@ def linear_logprobs_backward(hidden, weight, targets, lse, g, chunk_size, need_h
     """d hidden (N, C) and d weight (V, C) of Σ g · logp, recomputing each chunk's logits (then overwriting
     them with their gradient, in place)."""
     import cupy as cp
-    if hidden.dtype != np.float32 or weight.dtype != np.float32:
-        return reference.linear_logprobs_backward(hidden, weight, targets, lse, g, chunk_size,
-                                                  need_hidden, need_weight)
     dh = cp.empty_like(hidden) if need_hidden else None
     dw = cp.zeros_like(weight) if need_weight else None
     for start in range(0, hidden.shape[0], chunk_size):
