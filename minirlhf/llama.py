@@ -5,7 +5,7 @@ Hugging Face checkpoints load, with the same heads and interface as :class:`~min
     xₗ₊₁ = xₗ + attn(rms_norm(xₗ)),  then  xₗ₊₁ ← xₗ₊₁ + mlp(rms_norm(xₗ₊₁))
     h = rms_norm(x_L);  logits = h · lm_headᵀ                       (lm_head = embed_tokens when tied)
 
-The block is GPT-2's pre-norm block with four parts replaced. Side by side with ``model.py``:
+The block is GPT-2's pre-norm block with its parts replaced. Side by side with ``model.py``:
 
     GPT-2 (model.py)                          Llama family (here)
     LayerNorm (centre, scale, shift)          RMSNorm: x / √(mean(x²) + ε) · g (Zhang & Sennrich 2019)
@@ -14,9 +14,9 @@ The block is GPT-2's pre-norm block with four parts replaced. Side by side with 
     n_head K/V heads                          n_kv_head ≤ n_head K/V heads, each shared by a group of
                                                 n_head / n_kv_head query heads (GQA, Ainslie et al. 2023)
     MLP: W₂ GELU(W₁ x), 4C wide               SwiGLU: W_down (silu(W_gate x) ∘ W_up x) (Shazeer 2020)
-    biases everywhere                          no biases (Qwen2: on q, k, v)
-    LM head tied to wte                        tied or a separate lm_head (tie_word_embeddings)
-                                               Qwen3: an RMSNorm on each head of q and k before RoPE
+    biases everywhere                         no biases (Qwen2: on q, k, v)
+    LM head tied to wte                       tied or a separate lm_head (tie_word_embeddings)
+    (nothing)                                 Qwen3: an RMSNorm on each head of q and k before RoPE
 
 The three families differ only by switches of :class:`LlamaConfig`, so they share this one file,
 and GPT-2 keeps its own: a reader compares two short files rather than one with branches for both.

@@ -44,7 +44,8 @@ import unicodedata
 from .tokenizer import (ENDOFTEXT, GPT2_SPLIT_PATTERN, IM_END, IM_START, BPETokenizer, _split_on,
                         _write_atomically, bytes_to_unicode)
 
-BEGIN_OF_TEXT, START_HEADER, END_HEADER, EOT = "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
+BEGIN_OF_TEXT, EOT = "<|begin_of_text|>", "<|eot_id|>"
+START_HEADER, END_HEADER = "<|start_header_id|>", "<|end_header_id|>"
 _ONIGURUMA_SPACE = "\t\n\v\f\r\x85"
 
 

@@ -93,7 +93,8 @@ def test_a_shard_that_does_not_hold_what_the_index_says_is_named(sharded):
     index["weight_map"][name] = shards[1]
     with open(path / hf.INDEX_FILE, "w") as f:
         json.dump(index, f)
-    with pytest.raises(ValueError, match=f"does not hold what {hf.INDEX_FILE} says: missing \\[\\], unlisted \\['{name}'\\]"):
+    says = f"does not hold what {hf.INDEX_FILE} says: missing \\[\\], unlisted \\['{name}'\\]"
+    with pytest.raises(ValueError, match=says):
         Llama.from_pretrained(path)
 
 
