@@ -32,7 +32,9 @@ instead of interleaved; HF's checkpoints are permuted to this layout). Llama 3.1
 stretches the long wavelengths by ``factor`` and blends the middle band (Meta's llama3 rule).
 
 Padding, KV cache and heads as for GPT: left-padded rows take positions cumsum(mask) − 1, so a
-padded row gives the logits of the same row unpadded; the cache holds the n_kv_head K/V heads
+padded row gives the logits of the same row unpadded (rotary scores depend only on position
+differences, so a shift would cancel in exact arithmetic; counting real tokens gives a padded
+row the very angles of the unpadded one, and keeps positions within the context); the cache holds the n_kv_head K/V heads
 (not the n_head they serve); ``value_head`` gives V(s_t) for PPO, :class:`LlamaRewardModel` a
 scalar reward.
 """

@@ -6,7 +6,7 @@ import pytest
 import minirlhf
 import minirlhf.functional as F
 from minirlhf import no_grad
-from minirlhf.llama import Llama, LlamaConfig, LlamaRewardModel, rope_frequencies
+from minirlhf.llama import Llama, LlamaConfig, LlamaRewardModel, positions_and_key_mask, rope_frequencies
 from minirlhf.sampling import generate
 from hf_models import FAMILIES, VOCAB, left_padded, positions, saved
 
@@ -52,6 +52,22 @@ def test_left_padded_logits_equal_transformers_and_the_unpadded_rows(pair, rng):
         with no_grad():
             alone = model(ids[i:i + 1, start:]).data[0]
         np.testing.assert_allclose(got[i, start:], alone, atol=1e-4)
+
+
+def test_positions_count_real_tokens_so_padding_never_shifts_the_rotary_angles():
+    """RoPE scores depend only on position differences, so a shift would cancel in exact arithmetic
+    (the logit tests cannot see it); the positions themselves are the padded row's unpadded ones."""
+    cfg = tiny()
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=np.float32)
+    ids = np.ones((2, 5), dtype=np.int64)
+    got, key_mask = positions_and_key_mask(ids, mask, None, cfg, np, "Llama")
+    np.testing.assert_array_equal(got, [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])
+    np.testing.assert_array_equal(key_mask[:, 0, 0], mask == 1)
+    cache = Llama(cfg).new_cache()
+    cache.length = 5
+    mask = np.concatenate([mask, np.ones((2, 1), dtype=np.float32)], axis=1)
+    got, _ = positions_and_key_mask(ids[:, :1], mask, cache, cfg, np, "Llama")
+    np.testing.assert_array_equal(got, [[3], [5]])
 
 
 def test_cached_decoding_equals_the_full_forward_and_transformers(pair, rng):
