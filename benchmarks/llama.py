@@ -12,7 +12,7 @@ read by ``Llama.from_pretrained``, so both run the same weights.
 
 torch.set_num_threads is set to the number of threads NumPy's BLAS uses (as in train_step.py).
 
-    python benchmarks/llama.py [--runs 5] [--batch 4] [--seq 128] [--quick]
+    python benchmarks/llama.py [--runs 3] [--batch 4] [--seq 64] [--quick]
 """
 import argparse
 import platform
@@ -55,9 +55,9 @@ def timed(f):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--gen-batch", type=int, default=4)
     parser.add_argument("--gen-runs", type=int, default=2)

@@ -179,6 +179,9 @@ def llama_config(hf, path):
                     ("partial_rotary_factor", 1.0), ("use_sliding_window", False)):
         if key in hf and hf[key] != ok and hf[key] is not None:
             refuse(key, hf[key], f"this model implements only {key}={ok!r}")
+    if hf.get("quantization_config"):
+        refuse("quantization_config", hf["quantization_config"].get("quant_method", "?"),
+               "quantised weights are not supported; use the unquantised (bf16/fp16/fp32) checkpoint")
     layer_types = hf.get("layer_types") or []
     if any(t != "full_attention" for t in layer_types):
         refuse("layer_types", sorted(set(layer_types)), "this model implements only full causal attention")

@@ -118,6 +118,7 @@ def test_pickled_weights_are_never_loaded(tmp_path):
     (dict(architectures=["MistralForCausalLM"]), "holds a MistralForCausalLM; supported architectures"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'; this model implements only hidden_act='silu'"),
     (dict(mlp_bias=True), "mlp_bias=True"),
+    (dict(quantization_config={"quant_method": "awq", "bits": 4}), "quantization_config='awq'"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}), "rope_type='yarn'"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0,
                            "high_freq_factor": 4.0, "original_max_position_embeddings": 16, "beta": 2.0}),
