@@ -666,6 +666,12 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale
     Backward (P the probabilities, dO the output gradient):
     dV = Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP − rowsum(dP ∘ P)), dQ = dS K · scale, dK = dSᵀ Q · scale.
     On CuPy with a supported shape this dispatches to the fused kernel in ``minirlhf.kernels``.
+
+    Grouped-query attention (Ainslie et al. 2023): k and v may have fewer heads than q,
+    q (…, H, T, d) with k, v (…, H_kv, S, d) and H a multiple of H_kv; query head h reads K/V
+    head h // (H / H_kv). The G = H / H_kv query heads of a group are stacked into one
+    (G·T, d) block per K/V head, so every product runs on the K/V heads as they are, with no
+    repeated copy, and dK, dV sum over the group within the same product.
     """
     if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
         raise ValueError(f"scaled_dot_product_attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit; "
@@ -684,10 +690,15 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale
         out, lse = fused_attention.forward(q.data, k.data, v.data, key_mask, is_causal, scale)
         return Tensor._from_op(out, (q, k, v), lambda g: fused_attention.backward(
             q.data, k.data, v.data, out, lse, g, key_mask, is_causal, scale), "fused_attention")
-    s = xp.matmul(q.data, xp.swapaxes(k.data, -1, -2)) * scale
+    G = _query_groups(q, k, v)
+    qd = q.data if G == 1 else q.data.reshape(k.shape[:-2] + (G * T, q.shape[-1]))  # (…, H_kv, G·T, d)
+    s = xp.matmul(qd, xp.swapaxes(k.data, -1, -2)) * scale
     bias = _attention_mask(xp, T, S, is_causal, attn_mask, q.dtype)
     if bias is not None:
-        s = s + bias
+        if G == 1:
+            s = s + bias
+        else:
+            s = (s.reshape(k.shape[:-2] + (G, T, S)) + _grouped_bias(bias, G)).reshape(s.shape)
     m = s.max(axis=-1, keepdims=True)
     m = xp.where(xp.isfinite(m), m, 0)
     e = xp.exp(s - m)
@@ -696,13 +707,37 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale
     out = xp.matmul(p, v.data)
 
     def backward(g):
+        g = g if G == 1 else g.reshape(p.shape[:-1] + v.shape[-1:])
         gv = xp.matmul(xp.swapaxes(p, -1, -2), g) if v.requires_grad else None
         dp = xp.matmul(g, xp.swapaxes(v.data, -1, -2))
         ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
-        gq = xp.matmul(ds, k.data) * scale if q.requires_grad else None
-        gk = xp.matmul(xp.swapaxes(ds, -1, -2), q.data) * scale if k.requires_grad else None
+        gq = (xp.matmul(ds, k.data) * scale).reshape(q.shape) if q.requires_grad else None
+        gk = xp.matmul(xp.swapaxes(ds, -1, -2), qd) * scale if k.requires_grad else None
         return gq, gk, gv
+    if G > 1:
+        out = out.reshape(q.shape[:-1] + v.shape[-1:])  # (…, H, T, d_v)
     return Tensor._from_op(out, (q, k, v), backward, "scaled_dot_product_attention")
+
+
+def _query_groups(q, k, v):
+    """G = H / H_kv, the query heads per K/V head (1 unless k and v have fewer heads than q)."""
+    if q.ndim < 3 or k.ndim != q.ndim or q.shape[-3] == k.shape[-3] or k.shape[-3] == 1:
+        return 1
+    H, H_kv = q.shape[-3], k.shape[-3]
+    if H % H_kv or v.shape[-3] != H_kv or q.shape[:-3] != k.shape[:-3] or v.shape[:-3] != k.shape[:-3]:
+        raise ValueError(f"scaled_dot_product_attention: q {q.shape}, k {k.shape}, v {v.shape}: for grouped-query "
+                         "attention q (..., H, T, d) needs k and v (..., H_kv, S, d) with the same leading axes "
+                         "and H a multiple of H_kv")
+    return H // H_kv
+
+
+def _grouped_bias(bias, G):
+    """A bias broadcastable to (…, H, T, S) as one broadcastable to (…, H_kv, G, T, S)."""
+    if bias.ndim < 3:
+        return bias
+    if bias.shape[-3] == 1:
+        return bias[..., None, :, :]
+    return bias.reshape(bias.shape[:-3] + (bias.shape[-3] // G, G) + bias.shape[-2:])
 
 
 # ------------------------------------------------------------ log-probs
@@ -805,3 +840,66 @@ def linear_token_logprobs(hidden, weight, targets, chunk_size=1024):
                                                hidden.requires_grad, weight.requires_grad)
         return (None if dh is None else dh.reshape(hidden.shape)), dw
     return Tensor._from_op(out.reshape(idx.shape), (hidden, weight), backward, "linear_token_logprobs")
+
+
+# ---------------------------------------------- the Llama family's layers
+def rms_norm(x, weight=None, eps=1e-6):
+    """x / √(mean(x²) + eps) · weight over the last axis (Zhang & Sennrich 2019, eq. 4).
+
+    LayerNorm without the mean: no centring and no bias. With r = 1/√(mean(x²) + eps),
+    x̂ = x · r and ĝ = g · weight, the backward is dx = r · (ĝ − x̂ · mean(ĝ x̂)) and dweight = Σ g x̂.
+    """
+    if weight is not None:
+        weight = _tensor(weight, x, "rms_norm")
+        if weight.shape != x.shape[-1:]:
+            raise ValueError(f"rms_norm: weight has shape {weight.shape}, expected ({x.shape[-1]},), the last "
+                             f"axis of the input {x.shape}")
+    xp = x.xp
+    r = 1.0 / xp.sqrt((x.data * x.data).mean(axis=-1, keepdims=True) + eps)
+    xhat = x.data * r
+    out = xhat * weight.data if weight is not None else xhat
+    batch_axes = tuple(range(x.ndim - 1))
+
+    def backward(g):
+        gx = gw = None
+        if x.requires_grad:
+            gh = g * weight.data if weight is not None else g
+            gx = r * (gh - xhat * (gh * xhat).mean(axis=-1, keepdims=True))
+        if weight is not None and weight.requires_grad:
+            gw = (g * xhat).sum(axis=batch_axes)
+        return (gx,) if weight is None else (gx, gw)
+    parents = (x,) if weight is None else (x, weight)
+    return Tensor._from_op(out, parents, backward, "rms_norm")
+
+
+def silu(x):
+    """x · σ(x) (Elfwing et al. 2018; "swish"), the gate of SwiGLU. d/dx = σ(x) (1 + x (1 − σ(x)))."""
+    s = _sigmoid(x.xp, x.data)
+    return Tensor._from_op(x.data * s, (x,), lambda g: (g * (s * (1 + x.data * (1 - s))),), "silu")
+
+
+def _rotate_half(xp, x):
+    """(x₁, x₂) → (−x₂, x₁) on the two halves of the last axis."""
+    half = x.shape[-1] // 2
+    return xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def rotary_embedding(x, cos, sin):
+    """x · cos + rotate_half(x) · sin: rotary position embedding (Su et al. 2021, eq. 34), in the
+    rotate-half layout of Hugging Face's Llama: dimension i is paired with i + d/2, not with i + 1.
+
+    x (…, T, d) with d even; cos and sin (constants) broadcastable to x, each the angles
+    θ_i · position repeated over both halves. The rotation is orthogonal, so the backward rotates
+    back: dx = g · cos − rotate_half(g · sin).
+    """
+    if x.shape[-1] % 2:
+        raise ValueError(f"rotary_embedding: the last axis of x {x.shape} must be even (pairs of dimensions)")
+    xp = x.xp
+    cos, sin = (_tensor(c, x, "rotary_embedding").data for c in (cos, sin))
+    try:
+        np.broadcast_shapes(cos.shape, sin.shape, x.shape)
+    except ValueError:
+        raise ValueError(f"rotary_embedding: cos {cos.shape} and sin {sin.shape} must broadcast to x "
+                         f"{x.shape}") from None
+    out = x.data * cos + _rotate_half(xp, x.data) * sin
+    return Tensor._from_op(out, (x,), lambda g: (g * cos - _rotate_half(xp, g * sin),), "rotary_embedding")

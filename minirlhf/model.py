@@ -264,14 +264,12 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path):
-        """Load a Hugging Face ``GPT2LMHeadModel`` directory (config.json + model.safetensors).
-
-        HF's GPT-2 stores its projections as Conv1D with weights (in, out); ours are
-        Linear (out, in), so those four matrices per block are transposed.
-        """
-        from .checkpoint import load_hf_gpt2
+        """Load a Hugging Face ``GPT2LMHeadModel`` directory (config.json + safetensors); see
+        :func:`minirlhf.hf.load_hf_gpt2`."""
+        from .hf import check_state, load_hf_gpt2
         cfg, state = load_hf_gpt2(path)
         model = cls(cfg)
+        check_state(model, state, path)
         model.load_state_dict(state)
         return model
 
@@ -311,9 +309,11 @@ class RewardModel(nn.Module):
     left and right padding both work.
     """
 
+    trunk = GPT  # the language model whose hidden states are scored
+
     def __init__(self, config):
         self.config = config
-        self.transformer = GPT(config)
+        self.transformer = self.trunk(config)
         self.token_scores = nn.Embedding(config.vocab_size, config.n_embd)
         self.reward_head = nn.Linear(config.n_embd, 1)
         for head in (self.token_scores, self.reward_head):
