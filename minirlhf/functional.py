@@ -266,7 +266,7 @@ def softplus(x):
 
 def k3(x):
     """e^x − 1 − x, Schulman's k3 estimator of KL(π ‖ π_ref) as a function of x = log(π_ref/π)
-    (Schulman 2020, "Approximating KL divergence"). expm1 keeps it exact (and >= 0) near x = 0,
+    (Schulman 2020, "Approximating KL divergence"). expm1 keeps it accurate (and >= 0) near x = 0,
     where exp(x) − 1 − x cancels to noise or even goes negative. d/dx = expm1(x)."""
     em1 = x.xp.expm1(x.data)
     return Tensor._from_op(em1 - x.data, (x,), lambda g: (g * em1,), "k3")

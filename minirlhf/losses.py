@@ -142,8 +142,8 @@ def whiten(x, mask, eps=1e-8):
     """(x − μ) / (σ + eps) on masked-in entries, 0 elsewhere, with μ and σ over the masked-in
     entries only; σ is the unbiased (n − 1) standard deviation, as in TRL's ``masked_whiten``.
 
-    The one whitening of the project: PPO's advantages (Andrychowicz et al. 2021, §3.5) and
-    REINFORCE++'s batch normalisation of returns (Hu 2025). x and mask of the same shape;
+    The one whitening of the project: PPO's advantages (as OpenAI baselines' ppo2 and TRL
+    normalise them) and REINFORCE++'s batch normalisation of returns (Hu 2025). x and mask of the same shape;
     eps >= 0. A constant x (or a single masked-in entry) gives exactly 0. Returns a detached Tensor.
     """
     _check_nonnegative(eps, "eps")
