@@ -15,7 +15,9 @@
 // Two schedules, which a correct kernel cannot tell apart:
 //   schedule 0: threads resumed in order 0, 1, 2, ...; a cp.async copy lands in shared memory at
 //               the cp.async.wait_group that retires it (the latest a GPU may deliver it);
-//   schedule 1: threads resumed in reverse order; a cp.async copy lands at once (the earliest).
+//   schedule 1: the highest-numbered runnable thread first, each warp barrier opened as soon as it
+//               can be, so one warp runs ahead to the next __syncthreads before the others start;
+//               a cp.async copy lands at once (the earliest).
 // A missing wait reads shared memory the copy has not reached (schedule 0); a missing barrier
 // lets one thread overwrite or read a tile while another still uses or fills it (one of the two
 // orders). Either way the two schedules give different bits, or wrong ones.
@@ -299,6 +301,17 @@ inline void fiber_main() {
     leave_thread(t);
 }
 
+// Opens the barrier of the warp whose first lane is `first`, if all its lanes wait there (a lane that
+// has exited never reaches it: the warp deadlocks).
+inline bool open_warp_barrier(size_t first) {
+    Block& b = block();
+    const size_t end = std::min(b.threads.size(), first + 32);
+    for (size_t i = first; i < end; ++i)
+        if (b.threads[i].state != State::at_warp_barrier) return false;
+    for (size_t i = first; i < end; ++i) b.threads[i].state = State::runnable;
+    return true;
+}
+
 // Opens every barrier that all its live threads have reached; false if none could open.
 inline bool open_barriers() {
     Block& b = block();
@@ -313,19 +326,7 @@ inline bool open_barriers() {
             if (t.state == State::at_block_barrier) t.state = State::runnable;
         opened = true;
     }
-    for (size_t w = 0; w < b.threads.size(); w += 32) {
-        const size_t end = std::min(b.threads.size(), w + 32);
-        bool all = true, any = false;  // a lane that has exited never reaches it: the warp deadlocks
-        for (size_t i = w; i < end; ++i) {
-            if (b.threads[i].state == State::at_warp_barrier) any = true;
-            else all = false;
-        }
-        if (any && all) {
-            for (size_t i = w; i < end; ++i)
-                if (b.threads[i].state == State::at_warp_barrier) b.threads[i].state = State::runnable;
-            opened = true;
-        }
-    }
+    for (size_t w = 0; w < b.threads.size(); w += 32) opened = open_warp_barrier(w) || opened;
     return opened;
 }
 
@@ -352,6 +353,9 @@ inline std::string run_block(dim3 index, size_t shared_bytes) {
         t.context.uc_link = nullptr;
         makecontext(&t.context, fiber_main, 0);
     }
+    // schedule 0: sweeps over the threads in order, barriers opened between sweeps (warps in step);
+    // schedule 1: always the highest-numbered runnable thread, a warp's barrier opened as soon as its
+    // last lane arrives, so the last warp runs ahead to the next block barrier before the others start.
     while (b.error.empty()) {
         bool ran = false, live = false;
         for (int k = 0; k < n && b.error.empty(); ++k) {
@@ -362,10 +366,14 @@ inline std::string run_block(dim3 index, size_t shared_bytes) {
             b.current = &t;
             enter_thread(t);
             ran = true;
+            if (b.schedule == 1) {
+                if (t.state == State::at_warp_barrier) open_warp_barrier(t.linear / 32 * 32);
+                break;  // rescan from the top
+            }
         }
         if (!live || !b.error.empty()) break;
         if (!ran && !open_barriers()) b.error = "deadlock: the threads of a block wait at different barriers";
-        else if (ran) open_barriers();
+        else if (ran && b.schedule == 0) open_barriers();
     }
     CUDA_CPU_UNPOISON(r.base, r.capacity);
     for (size_t i = shared_bytes & ~size_t(3); i + 4 <= r.capacity; i += 4)
