@@ -7,7 +7,8 @@ linear + log-prob op; the CUDA sources compile to sm_90 cubins without spills (w
 exists). The kernel tests (the ``cp`` fixture) run the .cu sources on the GPU where cupy sees
 one, and everywhere through the CPU execution harness (tests/cuda_cpu): against naive CuPy and
 the references, including T = 1, T not a multiple of the tile, padding masks, scores and logits
-of ±1e4, NaN and 1e30 logits, grouped-query heads, and the gradients.
+of ±1e4, NaN and 1e30 logits, grouped-query heads, and the gradients; the attention cases for
+the SIMT kernels and for the 3xTF32 tensor-core kernels.
 """
 import math
 import os
