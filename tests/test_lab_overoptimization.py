@@ -1,5 +1,6 @@
 """The over-optimisation lab: the exact best-of-n distribution and its KL, the fits, the command's
 errors, and what the --quick run shows (only what it shows robustly; see docs/overoptimization/report.md)."""
+import io
 import json
 import math
 import os
@@ -102,3 +103,59 @@ def test_unknown_experiment_is_a_clear_error(tmp_path, capsys):
 
 def test_the_command_dispatches_through_the_registry():
     assert EXPERIMENTS["overoptimization"] is run_overoptimization
+
+
+# ------------------------------------------------------------------ the --quick run
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("lab") / "overoptimization")
+    results = run_overoptimization(out, quick=True, seed=0, progress=False, stream=io.StringIO())
+    return out, results
+
+
+def test_quick_run_writes_results_report_and_figures(quick_run):
+    out, results = quick_run
+    with open(os.path.join(out, "results.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(results))
+    report = open(os.path.join(out, "report.md")).read()
+    for figure in ("overoptimization.png", "frontier.png"):
+        assert os.path.getsize(os.path.join(out, figure)) > 10_000 and f"]({figure})" in report
+    assert all(r["points"][0] == {"step": 0, **r["points"][0]} and r["points"][0]["kl"] == 0.0 for r in results["rl"])
+    assert {r["method"] for r in results["rl"]} == {"ppo", "grpo", "rloo", "dpo"}
+    assert len({r["beta"] for r in results["rl"] if r["method"] == "ppo"}) >= 4
+
+
+def test_measured_best_of_n_kl_never_exceeds_the_analytic_value(quick_run):
+    _, results = quick_run
+    for curve in results["bon"] + [results["bon_rule"]]:
+        for b in curve:
+            assert b["kl"] <= b["kl_analytic"] + 1e-12, b
+
+
+def test_the_proxy_score_of_best_of_n_rises_with_n_and_kl(quick_run):
+    _, results = quick_run
+    for curve in results["bon"]:
+        kl, proxy = [b["kl"] for b in curve], [b["proxy"] for b in curve]
+        assert all(a <= b + 1e-12 for a, b in zip(kl, kl[1:]))
+        assert all(a <= b + 1e-9 for a, b in zip(proxy, proxy[1:]))
+        assert proxy[-1] > proxy[0] + 0.1
+
+
+def test_the_proxy_score_rises_along_ppo_without_a_kl_penalty(quick_run):
+    _, results = quick_run
+    for r in results["rl"]:
+        if r["method"] == "ppo" and r["beta"] == 0:
+            assert r["points"][-1]["kl"] > 0 and r["points"][-1]["proxy"] > r["points"][0]["proxy"], r
+
+
+def test_the_gold_score_of_the_weakest_proxy_peaks_then_falls(quick_run):
+    _, results = quick_run
+    gold = [b["gold"] for b in results["bon"][0]]
+    peak = int(np.argmax(gold))
+    assert peak < len(gold) - 1 and gold[peak] - gold[-1] > 0.005, gold
+
+
+def test_a_better_proxy_reaches_a_higher_gold_peak(quick_run):
+    _, results = quick_run
+    peaks = [max(p["gold_peak"].values()) for p in results["proxies"]]
+    assert peaks[-1] > peaks[0], peaks
