@@ -89,7 +89,7 @@ class OveroptimizationConfig:
 # the trainers' settings the experiment changes from their stages' defaults (``--quick``: from their QUICK)
 TRAINERS = {"RewardConfig": {"steps": 600}, "PPOConfig": {"prompts_per_step": 64}}
 # ``--quick``: the experiment at the size the test suite affords (overrides of the defaults above)
-QUICK = {"proxy_pairs": (100, 400, 1600), "support_samples": 128, "bon_prompts": 60, "rl_steps": 8, "dpo_steps": 16,
+QUICK = {"proxy_pairs": (75, 300, 1200), "support_samples": 128, "bon_prompts": 60, "rl_steps": 8, "dpo_steps": 16,
          "eval_every": 4, "eval_prompts": 30}
 QUICK_TRAINERS = {"RewardConfig": {"steps": 100}, "PPOConfig": {"prompts_per_step": 32},
                   "GRPOConfig": {"prompts_per_step": 8}, "RLOOConfig": {"prompts_per_step": 8}}
@@ -244,8 +244,8 @@ def proxy_reward(proxy, prompts, pad_id):
     return reward
 
 
-def rl_run(method, beta, proxy, inputs, trainer_config, config, evaluation, start_point, progress):
-    """One PPO / GRPO / RLOO run against ``proxy`` (DPO: on the labelled pairs), evaluated along training."""
+def rl_run(method, beta, proxy, inputs, trainer_config, config, evaluation, start_point, progress, pairs=None):
+    """One PPO / GRPO / RLOO run against ``proxy`` (DPO: on the labelled ``pairs``), evaluated along training."""
     env, sft = inputs.env, inputs.sft
     points = [{"step": 0, **start_point}]
     steps = config.dpo_steps if method == "dpo" else config.rl_steps
@@ -257,8 +257,7 @@ def rl_run(method, beta, proxy, inputs, trainer_config, config, evaluation, star
                   progress=progress)
     elif method == "dpo":
         policy = sft.copy()
-        train_pairs, _ = inputs.preference_pairs(inputs.preference_config)
-        train_dpo(policy, sft, train_pairs, trainer_config, env.pad_id,
+        train_dpo(policy, sft, pairs, trainer_config, env.pad_id,
                   log=evaluation.along(policy, proxy, config.eval_every, points), progress=progress)
     else:
         policy = sft.copy()
@@ -304,13 +303,12 @@ def run_overoptimization(out, quick=False, seed=0, progress=True, overwrite=Fals
     # proxies: the same trunk and steps, more or fewer labelled pairs
     t = time.time()
     rm_config, preference_config = trainer_config("rm")
-    inputs.preference_config = preference_config
     train_pairs, heldout_pairs = inputs.preference_pairs(preference_config)
+    if config.proxy_pairs[-1] > len(train_pairs):
+        raise ValueError(f"OveroptimizationConfig: proxy_pairs asks for {config.proxy_pairs[-1]} pairs but the "
+                         f"preference data has {len(train_pairs)}; lower it or raise pair_prompts")
     proxies, proxy_info = [], []
     for k in config.proxy_pairs:
-        if k > len(train_pairs):
-            raise ValueError(f"OveroptimizationConfig: proxy_pairs asks for {k} pairs but the preference data has "
-                             f"{len(train_pairs)}; lower it or raise pair_prompts")
         proxy = RewardModel.from_gpt(sft)
         train_reward_model(proxy, train_pairs[:k], rm_config, env.pad_id, progress=progress)
         normalize_reward_model(proxy, *pair_batch(train_pairs[:k], env.pad_id))
@@ -345,7 +343,8 @@ def run_overoptimization(out, quick=False, seed=0, progress=True, overwrite=Fals
     runs += [(m, best, beta) for m in ("grpo", "rloo") for beta in config.rl_betas]
     runs += [("dpo", best, beta) for beta in config.dpo_betas]
     for method, k, beta in runs:
-        run = rl_run(method, beta, proxies[k], inputs, configs[method], config, evaluation, sft_points[k], progress)
+        run = rl_run(method, beta, proxies[k], inputs, configs[method], config, evaluation, sft_points[k], progress,
+                     pairs=train_pairs[:config.proxy_pairs[best]])
         rl.append({"proxy": k, **run})
         last = run["points"][-1]
         say(f"{method} β={beta}, proxy on {config.proxy_pairs[k]} pairs: KL {last['kl']:.2f}, proxy "
@@ -372,6 +371,7 @@ def run_overoptimization(out, quick=False, seed=0, progress=True, overwrite=Fals
                "support": {"responses": len(support.responses), "prompts": len(bon_prompts),
                            "samples_per_prompt": config.support_samples,
                            "covered_mean": float(support.covered.mean()), "covered_min": float(support.covered.min())},
+               "dpo_pairs": min(config.proxy_pairs[best], len(train_pairs)),
                "bon": bon, "bon_rule": bon_rule, "rl": rl, "fits": fits}
     write_json(os.path.join(out, "results.json"), results)
     figures = save_figures(results, out)
@@ -450,7 +450,8 @@ def save_figures(results, out):
                     if j == 0 else None)
     ax.set_xlabel("√KL(π ‖ π_SFT)  (nats^½)")
     ax.set_ylabel("rule reward (held-out pass@1)")
-    ax.set_title(f"reward–KL frontier (proxy on {proxies[best]['pairs']} pairs; DPO on the same pairs)", fontsize=9)
+    ax.set_title(f"reward–KL frontier (best-of-n, PPO, GRPO, RLOO: proxy on {proxies[best]['pairs']} pairs; "
+                 f"DPO on {results.get('dpo_pairs', 'all the labelled')} pairs)", fontsize=8)
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "frontier.png"), dpi=110)
