@@ -419,10 +419,9 @@ def save_figures(results, out):
         grpo = [p for r in rl if r["proxy"] == k and r["method"] == "grpo" for p in r["points"]]
         ax.plot(np.sqrt(np.maximum([p["kl"] for p in grpo], 0.0)), [p["gold"] for p in grpo], "^", color="C2",
                 ms=4, label="GRPO gold")
-        g0 = bon[k][0]["gold"]
         for fit, color, top in ((f, c, m) for f in fits if f["proxy"] == k
                                 for m, c in (("bon", "C0"), ("ppo", "C3")) if f["method"] == m):
-            d_max = d_bon.max() if top == "bon" else max(d_rl.max(), 1e-3)
+            d_max, g0 = (d_bon.max(), bon[k][0]["gold"]) if top == "bon" else (max(d_rl.max(), 1e-3), points[0]["gold"])
             grid = np.linspace(0, d_max, 100)
             ax.plot(grid, g0 + fitted(fit, grid), "-", color=color, lw=1,
                     label=f"fit {top}: α={fit['alpha']:.2f} β={fit['beta']:.2f} R²={fit['r2']:.2f}")
@@ -488,7 +487,12 @@ def format_report(results, figures):
         [[proxies[f["proxy"]]["pairs"], f"{f['method']} ({f['points']})",
           "d(α − β d)" if f["form"] == "bon" else "d(α − β log d)", f["alpha"], f["beta"], f["r2"]]
          for f in fits]), ""]
-    lines += ["## What the run shows", ""] + findings(results) + [""]
+    lines += ["## What the run shows", "",
+              f"Best-of-n values are exact expectations over the first {s['prompts']} held-out prompts; RL and DPO "
+              f"points are {results['config']['eval_samples']} samples on each of the first "
+              f"{results['config']['eval_prompts']} held-out prompts, so the two start (d = 0, the SFT policy) "
+              "at slightly different values. Each fit is of the gain over its own start.", ""]
+    lines += findings(results) + [""]
     return "\n".join(lines)
 
 
@@ -521,7 +525,8 @@ def findings(results):
         for r in runs:
             pts = r["points"]
             top = max(range(len(pts)), key=lambda i: pts[i]["gold"])
-            out.append(f"  PPO at β = 0: KL {pts[-1]['kl']:.2f}, proxy {pts[0]['proxy']:.2f} → {pts[-1]['proxy']:.2f}, "
+            out.append(f"  PPO at β = 0: KL {pts[-1]['kl']:.2f}, proxy {pts[0]['proxy']:.2f} → "
+                       f"{pts[-1]['proxy']:.2f}, "
                        f"gold {pts[0]['gold']:.3f} → peak {pts[top]['gold']:.3f} (step {pts[top]['step']}) → "
                        f"{pts[-1]['gold']:.3f} at the end.")
     out.append("- Over-optimisation, where it appears, is what Gao, Schulman & Hilton (2022) report: the proxy "
@@ -536,7 +541,8 @@ def findings(results):
                    "reward models and more data give higher peaks)")
     out.append(f"- Highest gold score reached with each proxy (fewer → more pairs): "
                f"{', '.join(f'{x:.3f}' for x in best_peaks)}; {verdict}.")
-    out.append(f"- The measured KL of best-of-n stays below log n − (n−1)/n (largest ratio {max_kl_ratio(bon):.3f}). "
+    out.append(f"- The measured KL of best-of-n stays below log n − (n−1)/n (largest ratio "
+               f"{max_kl_ratio(bon):.3f}). "
                "The formula is exact when the n draws are almost surely distinct (a continuous distribution of "
                "scores); π_SFT puts most of its mass on a few responses, so draws repeat, and as n grows the pick "
                "settles on the proxy's favourite response y* and the KL levels off at −log π_SFT(y*) instead of "
