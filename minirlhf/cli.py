@@ -5,6 +5,7 @@
     minirlhf rm   --sft runs/sft --out runs/rm            reward model on preferences of the hidden rater
     minirlhf ppo  --sft runs/sft --rm runs/rm --out runs/ppo
     minirlhf grpo --sft runs/sft --out runs/grpo          (also dpo, rloo)
+    minirlhf lab overoptimization --out DIR [--quick]    an experiment of minirlhf.lab
 
 Each stage takes one flag per setting (``--lr``, ``--group-size``, ...; ``--help`` lists them with
 the value a run uses), ``--config FILE.json`` (flags win over the file, the file over the defaults),
@@ -70,6 +71,14 @@ def build_parser():
     demo.add_argument("--seed", type=_seed, default=0, help="default 0")
     demo.add_argument("--overwrite", action="store_true", help="replace a previous demo in --out")
     demo.add_argument("--no-progress", dest="progress", action="store_false")
+    from .lab import EXPERIMENTS
+    lab = sub.add_parser("lab", help="an experiment that reproduces a paper's figure (minirlhf.lab)")
+    lab.add_argument("experiment", help=f"one of: {', '.join(EXPERIMENTS)}")
+    lab.add_argument("--out", required=True, help="folder for results.json, report.md and the figures")
+    lab.add_argument("--quick", action="store_true", help="the experiment at test-suite size")
+    lab.add_argument("--seed", type=_seed, default=0, help="default 0")
+    lab.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
+    lab.add_argument("--no-progress", dest="progress", action="store_false")
     for name, stage in STAGES.items():
         p = sub.add_parser(name, help=stage.help, description=stage.help)
         p.add_argument("--out", required=True, help="folder for run.json, metrics.jsonl, checkpoint, model, eval.json")
@@ -126,6 +135,13 @@ def main(argv=None):
             from .train.demo import run_demo
             run_demo(out=args.out, quick=args.quick, seed=args.seed, progress=args.progress,
                      overwrite=args.overwrite)
+            return 0
+        if args.command == "lab":
+            from .lab import EXPERIMENTS
+            if args.experiment not in EXPERIMENTS:
+                raise ValueError(f"unknown experiment {args.experiment!r}; expected one of {', '.join(EXPERIMENTS)}")
+            EXPERIMENTS[args.experiment](out=args.out, quick=args.quick, seed=args.seed, progress=args.progress,
+                                         overwrite=args.overwrite)
             return 0
         metrics = run_stage_command(args)
     except (ValueError, OSError) as e:

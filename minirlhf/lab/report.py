@@ -1,0 +1,27 @@
+"""What a lab experiment writes besides results.json: markdown tables and matplotlib figures.
+
+matplotlib is optional (the ``plot`` extra): without it an experiment writes its numbers and its
+report, and the report says that the figures need matplotlib.
+"""
+
+NO_MATPLOTLIB = "no figures: matplotlib is not installed (pip install 'minirlhf[plot]' or pip install matplotlib)"
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def markdown_table(header, rows):
+    """A markdown table; floats printed with 3 decimals."""
+    def cell(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
