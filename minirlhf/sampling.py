@@ -128,9 +128,9 @@ def _filter(z, top_k, top_p, xp):
 
 
 def _log_softmax_at(z, y, xp):
-    m = z.max(axis=-1, keepdims=True)
-    lse = xp.log(xp.exp(z - m).sum(axis=-1)) + m[:, 0]
-    return xp.take_along_axis(z, y[:, None], axis=-1)[:, 0] - lse
+    """log softmax(z)[y] as (z_y − m) − log Σ exp(z − m): subtracting m first keeps huge logits exact."""
+    shifted = z - z.max(axis=-1, keepdims=True)
+    return xp.take_along_axis(shifted, y[:, None], axis=-1)[:, 0] - xp.log(xp.exp(shifted).sum(axis=-1))
 
 
 def _prompt_batch(prompt_ids, attention_mask, pad_id):

@@ -177,3 +177,14 @@ def test_generate_on_device_matches_numpy(model, device):
     assert backend.device_of(got.tokens) == device
     np.testing.assert_array_equal(backend.to_numpy(got.tokens), want.tokens)
     np.testing.assert_allclose(backend.to_numpy(got.logprobs), want.logprobs, atol=1e-4)
+
+
+def test_sampler_logprobs_stay_exact_at_huge_logits():
+    """(z_y − m) − log s, not z_y − (m + log s): at 1e30 the second loses the answer entirely."""
+    z = np.array([[1e30, 1e30, -1e30, 0.0]])
+    np.testing.assert_allclose(_sample(z, 0, None, None, None, np)[1], [-np.log(2)], rtol=1e-6)
+    z32 = np.array([[-1e4, -1e4, -1e4, -9999]], dtype=np.float32)
+    got = _sample(z32, 1.0, None, None, np.random.default_rng(0), np)
+    z64 = z32.astype(np.float64)
+    want = z64[0, got[0]] - (np.log(np.exp(z64 + 1e4).sum()) - 1e4)
+    np.testing.assert_allclose(got[1], want, rtol=1e-6)

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import finish_interrupted_save, load_checkpoint, save_checkpoint
 from ..optim import AdamW, WarmupCosine, clip_grad_norm_
 from ..rollout import sample
 
@@ -61,6 +61,7 @@ class Run:
             if out_dir is None:
                 raise ValueError(f"train_{name}: resume=True needs out_dir (where the checkpoint is)")
             path = self.checkpoint_dir
+            finish_interrupted_save(path)  # a save killed between its renames leaves the old or new checkpoint
             if not os.path.exists(os.path.join(path, "config.json")):
                 raise FileNotFoundError(f"train_{name}: resume=True but {path} holds no checkpoint; "
                                         "run without resume first")
