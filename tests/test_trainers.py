@@ -341,3 +341,30 @@ def test_a_grpo_step_whose_groups_all_score_alike_moves_only_through_the_kl_term
     assert history[0]["frac_reward_zero_std"] == 1.0 and history[0]["grad_norm"] == pytest.approx(0.0, abs=1e-7)
     for n, p in policy.named_parameters():
         np.testing.assert_array_equal(p.data, before[n], err_msg=n)
+
+
+def test_resume_after_a_save_killed_between_its_renames_continues_from_a_complete_checkpoint(tmp_path):
+    """A kill between the checkpoint swap's two renames leaves only .checkpoint.old and .checkpoint.new; resume
+    must finish that save and continue, not say that there is no checkpoint."""
+    import os
+    from minirlhf.checkpoint import _swap_names
+    cfg = GRPOConfig(steps=2, lr=1e-2, prompts_per_step=2, group_size=2, max_new_tokens=3, checkpoint_every=1)
+    straight = tiny_gpt()
+    train_grpo(straight, tiny_gpt(), PROMPTS, first_token_is_good, cfg, EOS, PAD, progress=False)
+
+    out = tmp_path / "run"
+    first = tiny_gpt()
+    train_grpo(first, tiny_gpt(), PROMPTS, first_token_is_good, GRPOConfig(**{**cfg.__dict__, "steps": 1}), EOS,
+               PAD, out_dir=str(out), progress=False)
+    checkpoint = str(out / "checkpoint")
+    new, old = _swap_names(os.path.realpath(checkpoint))
+    import shutil
+    shutil.copytree(checkpoint, new)        # the new checkpoint, complete (here: the same step-1 state)
+    os.rename(checkpoint, old)              # killed after the first rename
+    resumed = tiny_gpt(seed=5)
+    with pytest.warns(UserWarning, match="interrupted between its renames"):
+        history = train_grpo(resumed, tiny_gpt(), PROMPTS, first_token_is_good, cfg, EOS, PAD, out_dir=str(out),
+                             resume=True, progress=False)
+    assert [m["step"] for m in history] == [2]
+    for name, value in straight.state_dict().items():
+        np.testing.assert_array_equal(resumed.state_dict()[name], value, err_msg=name)
