@@ -61,3 +61,42 @@ def test_kl_k1_and_k3_values_are_unbiased_and_k2_is_not(kl):
         assert abs(point["k1/sequence"]["bias"]) < EXACT and abs(point["k3/token"]["bias"]) < EXACT
         assert abs(point["k3/sequence"]["bias"]) < EXACT
         assert point["k2/sequence"]["bias"] != pytest.approx(0, abs=1e-6)
+
+
+# ------------------------------------------------------------- experiments that start from an SFT model
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+    from minirlhf.lab.starting_point import starting_point
+    out = tmp_path_factory.mktemp("start")
+    starting_point(str(out), seed=0, quick=True, progress=False)
+    return str(out / "sft")
+
+
+@pytest.fixture(scope="module")
+def mismatch(sft, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mismatch")
+    return out, EXPERIMENTS["mismatch"](out=str(out), quick=True, seed=0, sft=sft, progress=False)
+
+
+def test_mismatch_numerics_alone_leave_the_ratio_within_float32_round_off(mismatch):
+    gpt = mismatch[1]["gpt"]
+    for name in ("float32 trainer, τ=1", "float64 trainer, τ=1", "τ=0.7, applied"):
+        assert gpt[name]["max_abs"] < 1e-3, name
+        assert gpt[name]["gradient"]["tis"]["cosine_to_plain"] > 0.999
+
+
+def test_mismatch_forgetting_the_temperature_moves_the_ratio_far_from_one(mismatch):
+    forgotten = mismatch[1]["gpt"]["τ=0.7, forgotten"]
+    assert forgotten["max_abs"] > 0.1 and forgotten["share_outside_1pct"] > 0.1
+
+
+def test_mismatch_response_importance_weight_is_exact_and_truncation_trades_bias_for_variance(mismatch):
+    exact = mismatch[1]["exact"]
+    for kind in ("numerics", "temperature"):
+        assert exact[f"{kind}/sequence/inf"]["bias"] < 1e-10
+        assert exact[f"{kind}/plain/inf"]["bias"] > 1e-3
+        assert exact[f"{kind}/token/inf"]["bias"] > 1e-3  # per-token ratios leave the prefixes uncorrected
+    assert exact["temperature/sequence/1.0"]["bias"] > exact["temperature/sequence/inf"]["bias"]
+    assert exact["temperature/sequence/1.0"]["variance"] < exact["temperature/sequence/inf"]["variance"]
+    if __import__("importlib").util.find_spec("matplotlib"):
+        assert os.path.getsize(os.path.join(mismatch[0], "mismatch.png")) > 10_000

@@ -44,6 +44,7 @@ class MismatchConfig:
     noise: float = 0.05            # std of the logit noise of the "numerics" sampler of the exact sweep
 
 
+HISTOGRAM_BINS = 55  # of log10 |log ρ_t| over [-10, 1]
 QUICK = {"prompts": 40, "samples_per_prompt": 4, "draws": 20}
 
 
@@ -117,8 +118,9 @@ def gpt_cases(inputs, config, seed):
             sampler_logp = np.asarray(rollout.logprobs, dtype=np.float64)
             mask = np.asarray(rollout.mask, dtype=np.float64)
             cases[name] = {**ratio_stats(logp, sampler_logp, mask),
-                           "histogram": np.histogram(np.clip((logp - sampler_logp)[mask > 0], -3, 3),
-                                                     bins=120, range=(-3, 3))[0].tolist(),
+                           "histogram_log10_abs": np.histogram(
+                               np.clip(np.log10(np.abs(logp - sampler_logp)[mask > 0] + 1e-12), -10, 1),
+                               bins=HISTOGRAM_BINS, range=(-10, 1))[0].tolist(),
                            "gradient": gradient_comparison(model, scored, sampler_logp, advantages),
                            "reward": float(r.mean())}
     return cases
@@ -203,10 +205,10 @@ def plot(results, out):
         return None
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     ax = axes[0]
-    edges = np.linspace(-3, 3, 121)
+    edges = np.linspace(-10, 1, HISTOGRAM_BINS + 1)
     for name, case in results["gpt"].items():
-        ax.stairs(np.maximum(case["histogram"], 0.5), edges, label=f"{name} (max |log ρ| {case['max_abs']:.2g})")
-    ax.set(yscale="log", ylim=(0.5, None), xlabel="log ρ_t = log π_train(y_t) − log μ_sampler(y_t)  (clipped to ±3)",
+        ax.stairs(case["histogram_log10_abs"], edges, label=f"{name} (max |log ρ| {case['max_abs']:.2g})")
+    ax.set(xlabel="log10 |log ρ_t|,  log ρ_t = log π_trainer(y_t) − log μ_sampler(y_t)  (0 → −10)",
            ylabel="tokens", title="per-token ratio, sampler vs trainer")
     ax.legend(fontsize=7)
     ax = axes[1]
