@@ -100,3 +100,57 @@ def test_mismatch_response_importance_weight_is_exact_and_truncation_trades_bias
     assert exact["temperature/sequence/1.0"]["variance"] < exact["temperature/sequence/inf"]["variance"]
     if __import__("importlib").util.find_spec("matplotlib"):
         assert os.path.getsize(os.path.join(mismatch[0], "mismatch.png")) > 10_000
+
+
+@pytest.fixture(scope="module")
+def dpo(sft, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dpo")
+    return out, EXPERIMENTS["dpo"](out=str(out), quick=True, seed=0, sft=sft, progress=False)
+
+
+def test_dpo_pushes_the_rejected_likelihood_down_and_the_margin_up(dpo):
+    for name, run in dpo[1]["runs"].items():
+        start, end = run["logps_rejected_start_end"]
+        assert end < start - 0.5, name
+        assert run["margin_end"] > 0, name
+        assert all(np.isfinite(e["kl_to_sft"]) and e["kl_to_sft"] >= 0 for e in run["evaluations"])
+    assert dpo[1]["runs"]["sigmoid, β=0.1"]["evaluations"][0]["kl_to_sft"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def entropy(sft, tmp_path_factory):
+    out = tmp_path_factory.mktemp("entropy")
+    return out, EXPERIMENTS["entropy"](out=str(out), quick=True, seed=0, sft=sft, progress=False)
+
+
+def test_entropy_runs_record_entropy_reward_clipping_and_the_fit(entropy):
+    runs = entropy[1]["runs"]
+    assert set(runs) == {"ε_high=0.2, β=0.04", "ε_high=0.28, β=0.04", "ε_high=0.2, β=0", "ε_high=0.28, β=0"}
+    for name, run in runs.items():
+        assert all(h["entropy"] > 0 for h in run["history"]), name
+        assert 0 <= run["clip_fraction_mean"] <= 1
+        assert all(np.isfinite(v) for v in run["fit"].values())
+    assert any(run["clip_fraction_mean"] > 0 for run in runs.values())  # two epochs per rollout: ρ leaves 1
+
+
+def test_entropy_law_fit_recovers_a_known_law():
+    from minirlhf.lab.entropy import fit_entropy_law
+    H = np.linspace(0.1, 1.5, 30)
+    a, b, r2 = fit_entropy_law(H, -0.3 * np.exp(H) + 1.2)
+    assert (a, b, r2) == pytest.approx((0.3, 1.2, 1.0))
+
+
+@pytest.fixture(scope="module")
+def length(tmp_path_factory):
+    out = tmp_path_factory.mktemp("length")
+    return out, EXPERIMENTS["length"](out=str(out), quick=True, seed=0, progress=False)
+
+
+def test_length_records_lengths_of_correct_and_wrong_responses_for_every_loss_type(length):
+    runs = length[1]["runs"]
+    assert set(runs) == {"grpo", "bnpo", "dr_grpo", "dapo"}
+    for name, run in runs.items():
+        assert len(run["steps"]) == length[1]["settings"]["steps"]
+        for s in run["steps"]:
+            for key in ("length_correct", "length_wrong"):
+                assert s[key] is None or 2 <= s[key] <= length[1]["max_new_tokens"]
