@@ -5,4 +5,5 @@ from .preferences import (PreferencePair, bradley_terry_probability, gold_score,
 from .working import WorkingEnvironment, working_reward
 
 __all__ = ["AdditionTask", "Problem", "parse_answer", "rule_reward", "task_tokenizer", "PreferencePair",
-           "bradley_terry_probability", "gold_score", "label_pairs", "perturbations", "WorkingEnvironment", "working_reward"]
+           "bradley_terry_probability", "gold_score", "label_pairs", "perturbations",
+           "WorkingEnvironment", "working_reward"]
