@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..tasks.environment import PreferenceConfig
-from ..train.dpo import DPOConfig, train_dpo
+from ..tensor import no_grad
+from ..train.dpo import DPOConfig, pair_logprobs, train_dpo
 from ..train.evaluate import evaluate_policy
 from ..train.stages import QUICK as STAGE_QUICK
 from ..train.stages import write_json
@@ -38,9 +39,10 @@ class DPODynamicsConfig:
     betas: tuple = (0.1, 0.5)      # the two β
     eval_every: int = 50           # steps between held-out evaluations
     eval_prompts: int = 100        # held-out prompts of each evaluation (4 samples each)
+    tracked_pairs: int = 256       # training pairs whose log-probs every evaluation follows
 
 
-QUICK = {"steps": 40, "batch_size": 32, "betas": (0.1,), "eval_every": 20, "eval_prompts": 40}
+QUICK = {"steps": 40, "batch_size": 32, "betas": (0.1,), "eval_every": 10, "eval_prompts": 40}
 
 
 def dpo_run(inputs, pairs, loss_type, beta, config):
@@ -48,12 +50,16 @@ def dpo_run(inputs, pairs, loss_type, beta, config):
     env = inputs.env
     policy = inputs.sft.copy()
     prompts = env.heldout_prompts[:config.eval_prompts]
+    tracked = pairs[:config.tracked_pairs]
     evaluations = []
 
     def evaluate(step):
         metrics = evaluate_policy(policy, inputs.sft, prompts, env.rule_reward("heldout"), env.gold_score("heldout"),
                                   env.eos_id, env.pad_id, env.max_new_tokens, seed=inputs.seed + 17)
-        evaluations.append({"step": step, **metrics})
+        with no_grad():
+            chosen, rejected = pair_logprobs(policy, tracked, env.pad_id)
+        evaluations.append({"step": step, **metrics, "logps/chosen": float(chosen.data.mean()),
+                            "logps/rejected": float(rejected.data.mean())})
 
     def log(metrics):
         if metrics["step"] % config.eval_every == 0 or metrics["step"] == config.steps:
@@ -63,18 +69,18 @@ def dpo_run(inputs, pairs, loss_type, beta, config):
     dpo = DPOConfig(steps=config.steps, lr=config.lr, batch_size=config.batch_size, beta=beta, loss_type=loss_type,
                     label_smoothing=LOSSES[loss_type], seed=inputs.seed)
     history = train_dpo(policy, inputs.sft, pairs, dpo, env.pad_id, log=log, progress=False)
-    return {"history": history, "evaluations": evaluations, **summary(history)}
+    return {"history": history, "evaluations": evaluations, **summary(history, evaluations)}
 
 
-def summary(history, window=10):
-    """Start and end (means over the first and last ``window`` steps) of the logged log-probs and rewards."""
-    def ends(key):
-        values = np.array([h[key] for h in history])
-        return float(values[:window].mean()), float(values[-window:].mean())
-    (c0, c1), (r0, r1) = ends("logps/chosen"), ends("logps/rejected")
+def summary(history, evaluations, window=10):
+    """Mean log π of the tracked chosen and rejected responses before and after training, and the
+    trainer's margin and pair accuracy over the last ``window`` steps."""
+    first, last = evaluations[0], evaluations[-1]
+    c0, c1, r0, r1 = first["logps/chosen"], last["logps/chosen"], first["logps/rejected"], last["logps/rejected"]
     return {"logps_chosen_start_end": [c0, c1], "logps_rejected_start_end": [r0, r1],
-            "both_fell": bool(c1 < c0 and r1 < r0), "margin_end": ends("rewards/margins")[1],
-            "accuracy_end": ends("rewards/accuracies")[1]}
+            "both_fell": bool(c1 < c0 and r1 < r0),
+            "margin_end": float(np.mean([h["rewards/margins"] for h in history[-window:]])),
+            "accuracy_end": float(np.mean([h["rewards/accuracies"] for h in history[-window:]]))}
 
 
 def run(out, quick=False, seed=0, sft=None, progress=True, **overrides):
@@ -106,16 +112,17 @@ def plot(results, out):
     if plt is None:
         return None
     fig, axes = plt.subplots(2, 3, figsize=(17, 9))
-    panels = [("logps/chosen", "log π(y_w) (batch mean)"), ("logps/rejected", "log π(y_l) (batch mean)"),
-              ("rewards/margins", "implicit reward margin β·h")]
     for i, (name, r) in enumerate(results["runs"].items()):
         color, style = f"C{i % 3}", "-" if i < 3 else "--"
-        steps = [h["step"] for h in r["history"]]
-        for ax, (key, title) in zip(axes[0], panels):
-            values = np.convolve([h[key] for h in r["history"]], np.ones(5) / 5, mode="valid")
-            ax.plot(steps[4:], values, style, color=color, label=name)
-            ax.set(title=title + ", 5-step mean", xlabel="step")
         ev = r["evaluations"]
+        for ax, key, title in zip(axes[0][:2], ("logps/chosen", "logps/rejected"),
+                                  ("log π(y_w), tracked training pairs", "log π(y_l), tracked training pairs")):
+            ax.plot([e["step"] for e in ev], [e[key] for e in ev], style + "o", color=color, label=name)
+            ax.set(title=title, xlabel="step")
+        steps = [h["step"] for h in r["history"]]
+        margins = np.convolve([h["rewards/margins"] for h in r["history"]], np.ones(5) / 5, mode="valid")
+        axes[0][2].plot(steps[4:], margins, style, color=color, label=name)
+        axes[0][2].set(title="implicit reward margin β·h (batch, 5-step mean)", xlabel="step")
         for ax, key, title in zip(axes[1], ("gold_reward", "kl_to_sft", "accuracy"),
                                   ("held-out gold reward of samples", "exact KL(π ‖ π_SFT) per response",
                                    "held-out accuracy (pass@1)")):

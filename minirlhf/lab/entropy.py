@@ -40,7 +40,7 @@ class EntropyConfig:
     epochs: int = 2                # passes over each rollout (clipping needs more than one)
 
 
-QUICK = {"steps": 15, "prompts_per_step": 8}
+QUICK = {"steps": 12, "prompts_per_step": 8}
 
 
 def fit_entropy_law(entropy, reward):
