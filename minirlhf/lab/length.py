@@ -40,13 +40,13 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 class LengthConfig:
     sft_steps: int = 400           # SFT steps on demonstrations with 0..max_working restatements
     max_working: int = 2           # most restatements of the sum before the answer in a demonstration
-    steps: int = 150               # GRPO steps of each run
+    steps: int = 100               # GRPO steps of each run
     lr: float = 3e-4               # GRPO's AdamW learning rate
-    prompts_per_step: int = 16     # prompts per GRPO step
+    prompts_per_step: int = 8      # prompts per GRPO step
     group_size: int = 8            # responses per prompt
 
 
-QUICK = {"sft_steps": 150, "steps": 15, "prompts_per_step": 8}
+QUICK = {"sft_steps": 100, "steps": 6, "prompts_per_step": 4}
 
 
 class LengthRecorder:
