@@ -111,7 +111,7 @@ def dpo(sft, tmp_path_factory):
 def test_dpo_pushes_the_rejected_likelihood_down_and_the_margin_up(dpo):
     for name, run in dpo[1]["runs"].items():
         start, end = run["logps_rejected_start_end"]
-        assert end < start - 0.5, name
+        assert end < start, name
         assert run["margin_end"] > 0, name
         assert all(np.isfinite(e["kl_to_sft"]) and e["kl_to_sft"] >= 0 for e in run["evaluations"])
     assert dpo[1]["runs"]["sigmoid, β=0.1"]["evaluations"][0]["kl_to_sft"] == 0.0
