@@ -1,4 +1,4 @@
-"""What a lab experiment writes besides results.json: markdown tables and matplotlib figures.
+"""What a lab experiment writes besides results.json: markdown tables and matplotlib figures (saved with ``save``).
 
 matplotlib is optional (the ``plot`` extra): without it an experiment writes its numbers and its
 report, and the report says that the figures need matplotlib.
@@ -25,3 +25,13 @@ def markdown_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def save(fig, out, name):
+    """Write ``fig`` to ``out/name`` and close it; returns the path."""
+    import os
+    path = os.path.join(out, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
