@@ -25,7 +25,7 @@ from ..train.dpo import DPOConfig, pair_logprobs, train_dpo
 from ..train.evaluate import evaluate_policy
 from ..train.stages import QUICK as STAGE_QUICK
 from ..train.stages import write_json
-from . import figure
+from . import report
 from .starting_point import starting_point
 
 LOSSES = {"sigmoid": 0.0, "ipo": 0.0, "robust": 0.1}  # loss_type: label_smoothing ε
@@ -108,7 +108,7 @@ def run(out, quick=False, seed=0, sft=None, progress=True, **overrides):
 
 
 def plot(results, out):
-    plt = figure.pyplot()
+    plt = report.pyplot()
     if plt is None:
         return None
     fig, axes = plt.subplots(2, 3, figsize=(17, 9))
@@ -130,4 +130,4 @@ def plot(results, out):
             ax.set(title=title, xlabel="step")
     axes[0][0].legend(fontsize=8)
     axes[1][0].legend(fontsize=8)
-    return figure.save(fig, out, "dpo_dynamics.png")
+    return report.save(fig, out, "dpo_dynamics.png")

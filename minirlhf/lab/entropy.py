@@ -24,7 +24,7 @@ import numpy as np
 
 from ..train.grpo import GRPOConfig, train_grpo
 from ..train.stages import write_json
-from . import figure
+from . import report
 from .starting_point import starting_point
 
 RUNS = {"ε_high=0.2, β=0.04": (0.2, 0.04), "ε_high=0.28, β=0.04": (0.28, 0.04),
@@ -83,7 +83,7 @@ def run(out, quick=False, seed=0, sft=None, progress=True, **overrides):
 
 
 def plot(results, out):
-    plt = figure.pyplot()
+    plt = report.pyplot()
     if plt is None:
         return None
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.8))
@@ -103,4 +103,4 @@ def plot(results, out):
     axes[0].legend(fontsize=8)
     axes[3].set(title="R = −a·e^H + b (Cui et al. 2025, eq. 1)", xlabel="entropy H", ylabel="reward")
     axes[3].legend(fontsize=7)
-    return figure.save(fig, out, "entropy.png")
+    return report.save(fig, out, "entropy.png")

@@ -37,7 +37,7 @@ from .. import exact as E
 from .. import losses
 from ..tensor import Tensor
 from ..train.stages import write_json
-from . import figure
+from . import report
 
 ESTIMATORS = ("k1", "k2", "k3")
 GRANULARITIES = ("token", "sequence")   # Σ_t k(log r_t)  vs  k(Σ_t log r_t)
@@ -224,7 +224,7 @@ def run(out, quick=False, seed=0, progress=True, **overrides):
 
 
 def plot(results, out):
-    plt = figure.pyplot()
+    plt = report.pyplot()
     if plt is None:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
@@ -250,4 +250,4 @@ def plot(results, out):
                title=f"{'one token' if lang == 'one_token' else 'responses of several tokens'}: "
                      "estimator/granularity/placement")
         ax.legend(fontsize=8)
-    return figure.save(fig, out, "kl_estimators.png")
+    return report.save(fig, out, "kl_estimators.png")

@@ -31,7 +31,7 @@ from ..train.grpo import GRPOConfig, train_grpo
 from ..train.sft import SFTConfig, train_sft
 from ..train.stages import QUICK as STAGE_QUICK
 from ..train.stages import ModelConfig, write_json
-from . import figure
+from . import report
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -110,7 +110,7 @@ def ends(steps, window=5):
 
 
 def plot(results, out):
-    plt = figure.pyplot()
+    plt = report.pyplot()
     if plt is None:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
@@ -126,4 +126,4 @@ def plot(results, out):
                 ax.plot(steps[4:], smooth, color=f"C{i}", label=loss_type)
             ax.set(title=title, xlabel="GRPO step")
     axes[0].legend(title="loss_type (5-step mean)")
-    return figure.save(fig, out, "length.png")
+    return report.save(fig, out, "length.png")

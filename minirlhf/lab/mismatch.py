@@ -30,7 +30,7 @@ from .. import exact as E
 from ..rollout import response_logprobs, sample
 from ..tensor import Tensor, no_grad
 from ..train.stages import write_json
-from . import figure
+from . import report
 from .starting_point import starting_point
 
 
@@ -200,7 +200,7 @@ def run(out, quick=False, seed=0, sft=None, progress=True, **overrides):
 
 
 def plot(results, out):
-    plt = figure.pyplot()
+    plt = report.pyplot()
     if plt is None:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
@@ -232,4 +232,4 @@ def plot(results, out):
     ax.set(xscale="log", yscale="log", xlabel="TIS cap C", ylabel="relative to ‖∇E_π[r]‖ (²)",
            title="exact testbed: what the cap does to the gradient")
     ax.legend(fontsize=6)
-    return figure.save(fig, out, "mismatch.png")
+    return report.save(fig, out, "mismatch.png")
