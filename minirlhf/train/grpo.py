@@ -71,8 +71,8 @@ def train_grpo(policy, reference, prompts, reward_fn, config, eos_id, pad_id, ou
         mine = batch.rows(rows)  # this rank's prompt groups (all of them in one process)
         rewards = run.world.gather(np.asarray(reward_fn(mine.index, mine.responses()), dtype=np.float32))
         advantages = losses.grpo_advantages(rewards, config.group_size, scale=config.scale).data[rows]
-        weight = (mine.mask.sum() / batch.mask.sum() if config.loss_type in ("bnpo", "dapo")
-                  else len(mine) / len(batch))
+        tokens = float(mine.mask.sum())
+        weight = tokens / float(batch.mask.sum()) if config.loss_type in ("bnpo", "dapo") else len(mine) / len(batch)
         ref_logp = None
         if config.beta != 0:
             with no_grad():
@@ -89,10 +89,11 @@ def train_grpo(policy, reference, prompts, reward_fn, config, eos_id, pad_id, ou
                                            clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high,
                                            loss_type=config.loss_type)
             grad_norm = run.optimizer_step(loss, weight)
-        per_rank = {**kl_metrics(old_logp, ref_logp, mine.mask), "entropy": float(entropy), **clip_metrics(stats)}
+        token_means = {"entropy": float(entropy), **clip_metrics(stats)}
         if "kl" in stats:
-            per_rank["kl"] = float(stats["kl"])
+            token_means["kl"] = float(stats["kl"])
         metrics = {"loss": run.loss, **rollout_metrics(batch, rewards, config.group_size),
-                   **run.mean(per_rank, len(mine)), "learning_rate": lr, "grad_norm": grad_norm}
+                   **run.mean(kl_metrics(old_logp, ref_logp, mine.mask), len(mine)), **run.mean(token_means, tokens),
+                   "learning_rate": lr, "grad_norm": grad_norm}
         run.end_step(step, metrics, shown=("reward", "kl") if "kl" in metrics else ("reward",))
     return run.history

@@ -107,16 +107,16 @@ def train_ppo(policy, reference, reward_model, prompts, config, eos_id, pad_id, 
                                                             clip_eps=config.clip_eps)
                 value_loss = losses.ppo_value_loss(values, old_values[rows], returns.data[rows], mb.mask,
                                                    clip_eps=config.value_clip)
-                weight = mb.mask.sum() / batch.mask[minibatch].sum()  # both losses are token means
+                weight = float(mb.mask.sum()) / float(batch.mask[minibatch].sum())  # both losses are token means
                 grad_norm = run.optimizer_step(policy_loss + config.vf_coef * value_loss, weight)
         kl = kl_metrics(old_logp, ref_logp, batch.mask)
         if config.adaptive_kl:
             kl_control.update(kl["objective/kl"], len(batch))
-        per_rank = run.mean({"entropy": float(entropy), **clip_metrics(stats)}, len(mine))
-        losses_avg = run.mean({"loss/policy_avg": float(policy_loss.item()), "loss/value_avg": float(value_loss.item())},
-                              mb.mask.sum())
-        metrics = {**rollout_metrics(batch, scores), **kl, "entropy": per_rank.pop("entropy"), "beta": beta,
-                   **losses_avg, **per_rank, "learning_rate": lr, "grad_norm": grad_norm}
+        last_minibatch = run.mean({"loss/policy_avg": float(policy_loss.item()),
+                                   "loss/value_avg": float(value_loss.item()), **clip_metrics(stats)},
+                                  float(mb.mask.sum()))  # token means, as is the entropy
+        metrics = {**rollout_metrics(batch, scores), **kl, **run.mean({"entropy": float(entropy)}, float(mine.mask.sum())),
+                   "beta": beta, **last_minibatch, "learning_rate": lr, "grad_norm": grad_norm}
         run.end_step(step, metrics, shown=("reward", "objective/kl"),
                      extra={"beta": kl_control.beta} if config.adaptive_kl else None)
     return run.history

@@ -63,7 +63,7 @@ def train_rloo(policy, reference, prompts, reward_fn, config, eos_id, pad_id, ou
         loss = losses.reinforce_loss(logp, returns, mine.mask, baseline="rloo", group_size=config.group_size)
         grad_norm = run.optimizer_step(loss, len(mine) / len(batch))
         run.end_step(step, {"loss": run.loss, **rollout_metrics(batch, scores, config.group_size),
-                            **run.mean({**kl_metrics(logp.data, ref_logp, mine.mask), "entropy": float(entropy)},
-                                       len(mine)),
+                            **run.mean(kl_metrics(logp.data, ref_logp, mine.mask), len(mine)),
+                            **run.mean({"entropy": float(entropy)}, float(mine.mask.sum())),
                             "learning_rate": lr, "grad_norm": grad_norm}, shown=("reward", "objective/kl"))
     return run.history

@@ -70,7 +70,7 @@ def gather_rollout(part, pad_id):
     if ranks.size == 1:
         return part
     T, N = ranks.max(part.prompt_ids.shape[1]), ranks.max(part.tokens.shape[1])
-    left, right = (0, T - part.prompt_ids.shape[1]), (0, N - part.tokens.shape[1])
+    left, right = (T - part.prompt_ids.shape[1], 0), (0, N - part.tokens.shape[1])
     logprobs = np.zeros(part.tokens.shape, np.float32) if part.logprobs is None else np.asarray(part.logprobs)
     return Rollout(ranks.gather(np.pad(part.prompt_ids, ((0, 0), left), constant_values=pad_id)),
                    ranks.gather(np.pad(part.prompt_mask, ((0, 0), left))),
@@ -140,6 +140,7 @@ class Run:
         ``weight``: that share, (this rank's count)/(global count), so Σ_r weight_r · loss_r is the
         global loss. Without ``loss`` the gradients are already accumulated (SFT's micro-batches).
         """
+        weight = float(weight)
         if loss is not None:
             self.optimizer.zero_grad()
             (loss if weight == 1 else loss * weight).backward()
