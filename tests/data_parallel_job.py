@@ -135,7 +135,7 @@ def unequal_gradient(out):
         ranks.sum_gradients(model.parameters())
         return {name: np.asarray(p.grad) for name, p in model.named_parameters()}
 
-    global_weight = gradient(mine.mask.sum() / batch.mask.sum())
+    global_weight = gradient(float(mine.mask.sum()) / float(batch.mask.sum()))
     mean_of_means = gradient(1 / ranks.size)
     if ranks.rank == 0:
         np.savez(os.path.join(out, "gradient.npz"), **global_weight)

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from ..backend import to_numpy
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..distributed import share, world
 from ..optim import AdamW, WarmupCosine, clip_grad_norm_
@@ -30,6 +31,7 @@ from ..rollout import Rollout, sample
 
 # what each keyed draw is for: the third word of its key (pairs use the bare (seed, step))
 PAIRS, MINIBATCHES, PROMPTS, SAMPLES = None, 1, 104729, 15485863
+EVALUATION = 32452843  # held-out samples: the second word, in place of a step
 
 
 def step_rng(seed, step, purpose):
@@ -42,25 +44,26 @@ def draw_rows(n, batch, seed, step, purpose):
     return step_rng(seed, step, purpose).choice(n, size=min(batch, n), replace=False)
 
 
-def step_seed(seed, step):
-    """The sampling seed of one step."""
-    return int(step_rng(seed, step, SAMPLES).integers(2 ** 31))
-
-
-def row_seeds(seed, step, slots, samples_per_prompt):
-    """The sampling seed of each row: sample k of prompt slot j draws from (seed, step, j, k)."""
-    return [int(np.random.SeedSequence([seed, step, SAMPLES, j, k]).generate_state(1)[0])
+def row_seeds(key, slots, samples_per_prompt):
+    """The sampling seed of each row: sample k of prompt slot j draws from (*key, j, k)."""
+    return [int(np.random.SeedSequence([*key, j, k]).generate_state(1)[0])
             for j in slots for k in range(samples_per_prompt)]
 
 
 def step_rollout(policy, prompts, config, step, samples_per_prompt, eos_id, pad_id):
     """One step's rollout: ``config.prompts_per_step`` prompts drawn from (seed, step), each row sampled
-    from its own keyed generator (:func:`row_seeds`). Data parallel, each rank samples its share of the
-    prompt slots and every rank returns the whole gathered rollout."""
+    from its own generator keyed by (seed, step, prompt slot, sample) (:func:`row_seeds`). Data
+    parallel, each rank samples its share of the prompt slots and every rank returns the whole
+    gathered rollout."""
     index = draw_rows(len(prompts), config.prompts_per_step, config.seed, step, PROMPTS)
-    mine = share(len(index), world().size, world().rank)
+    ranks = world()
+    if len(index) < ranks.size:
+        raise ValueError(f"step_rollout: {len(index)} prompts per step for {ranks.size} ranks; every rank needs at "
+                         "least one (more prompts_per_step, or fewer ranks)")
+    mine = share(len(index), ranks.size, ranks.rank)
+    seeds = row_seeds((config.seed, step, SAMPLES), range(len(index))[mine], samples_per_prompt)
     part = sample(policy, prompts, index[mine], samples_per_prompt, config.temperature, config.max_new_tokens,
-                  eos_id, pad_id, row_seeds(config.seed, step, range(len(index))[mine], samples_per_prompt))
+                  eos_id, pad_id, seeds)
     return gather_rollout(part, pad_id)
 
 
@@ -70,14 +73,13 @@ def gather_rollout(part, pad_id):
     if ranks.size == 1:
         return part
     T, N = ranks.max(part.prompt_ids.shape[1]), ranks.max(part.tokens.shape[1])
-    left, right = (T - part.prompt_ids.shape[1], 0), (0, N - part.tokens.shape[1])
-    logprobs = np.zeros(part.tokens.shape, np.float32) if part.logprobs is None else np.asarray(part.logprobs)
-    return Rollout(ranks.gather(np.pad(part.prompt_ids, ((0, 0), left), constant_values=pad_id)),
-                   ranks.gather(np.pad(part.prompt_mask, ((0, 0), left))),
-                   ranks.gather(np.pad(part.tokens, ((0, 0), right), constant_values=pad_id)),
-                   ranks.gather(np.pad(part.mask, ((0, 0), right))), ranks.gather(part.index),
-                   None if part.logprobs is None else ranks.gather(np.pad(logprobs, ((0, 0), right))),
-                   part.temperature)
+    left, right = ((0, 0), (T - part.prompt_ids.shape[1], 0)), ((0, 0), (0, N - part.tokens.shape[1]))
+
+    def widened(a, side, value=0):
+        return ranks.gather(np.pad(to_numpy(a), side, constant_values=value))
+    return Rollout(widened(part.prompt_ids, left, pad_id), widened(part.prompt_mask, left),
+                   widened(part.tokens, right, pad_id), widened(part.mask, right), ranks.gather(part.index),
+                   None if part.logprobs is None else widened(part.logprobs, right), part.temperature)
 
 
 class Run:
