@@ -7,6 +7,8 @@ as ranks (``mpiexec -n 2 python -m data_parallel_job``); rank 0 writes what the 
                                                        different token counts, and the mean of per-rank means
     python -m data_parallel_job resume OUT [--stop K]  PPO with a checkpoint every step; --stop K raises after step K
     python -m data_parallel_job fail OUT               rank 1's reward function raises at its first call
+    python -m data_parallel_job few OUT                GRPO with one prompt per step
+    python -m data_parallel_job nccl OUT               GPUs: the NCCL gradient sum equals MPI's sum on the host
 """
 import json
 import os
@@ -31,9 +33,7 @@ PROMPTS = [[1, 2, 3], [2, 3], [3, 1, 4, 1], [4, 2], [1, 4], [2, 2, 3], [3, 3], [
 
 
 def float64(model):
-    for p in model.parameters():
-        p.data = p.data.astype(np.float64)
-    return model
+    return model.to(np.float64)
 
 
 def tiny_gpt(seed=0):
@@ -164,6 +164,27 @@ def fail(out):
     train_grpo(tiny_gpt(), tiny_gpt(), PROMPTS, reward, cfg, EOS, PAD, progress=False)
 
 
+def few(out):
+    cfg = GRPOConfig(steps=1, prompts_per_step=1, group_size=2, max_new_tokens=3)
+    train_grpo(tiny_gpt(), tiny_gpt(), PROMPTS, first_token_is_good, cfg, EOS, PAD, progress=False)
+
+
+def nccl(out):
+    """Each rank's gradient on its own GPU, summed by NCCL, against the same gradients summed on the host."""
+    from minirlhf.backend import to_numpy
+    ranks = world()
+    assert ranks.nccl is not None, "no NCCL communicator on a GPU machine"
+    model = tiny_gpt().to("cuda")
+    batch = from_responses([PROMPTS[ranks.rank]], [[1 + ranks.rank, 2, EOS]], PAD)
+    response_logprobs(model, batch).sum().backward()
+    local = {name: to_numpy(p.grad) for name, p in model.named_parameters()}
+    ranks.sum_gradients(model.parameters())
+    for name, p in model.named_parameters():
+        np.testing.assert_allclose(to_numpy(p.grad), ranks.sum(local[name].astype(np.float64)), rtol=1e-10, atol=1e-12)
+    if ranks.rank == 0:
+        print("nccl ok")
+
+
 if __name__ == "__main__":
     job, out = sys.argv[1], sys.argv[2]
     if job == "train":
@@ -172,7 +193,7 @@ if __name__ == "__main__":
         unequal_gradient(out)
     elif job == "resume":
         resume(out, int(sys.argv[4]) if len(sys.argv) > 4 else None)
-    elif job == "fail":
-        fail(out)
+    elif job in ("fail", "few", "nccl"):
+        {"fail": fail, "few": few, "nccl": nccl}[job](out)
     else:
-        raise SystemExit(f"data_parallel_job: unknown job {job!r}; expected train, gradient, resume or fail")
+        raise SystemExit(f"data_parallel_job: unknown job {job!r}; expected train, gradient, resume, fail, few or nccl")
