@@ -39,7 +39,7 @@ def world():
 
 
 def share(n, size, rank):
-    """The rows [lo, hi) of ``n`` that ``rank`` of ``size`` takes: consecutive blocks whose sizes differ by at most one."""
+    """The rows [lo, hi) of ``n`` that ``rank`` of ``size`` takes: consecutive blocks, sizes within one."""
     lo, hi = rank * n // size, (rank + 1) * n // size
     return slice(lo, hi)
 

@@ -150,8 +150,8 @@ def resume(out, stop=None):
     cfg = PPOConfig(steps=4, lr=1e-2, prompts_per_step=4, epochs=1, minibatches=1, max_new_tokens=4,
                     adaptive_kl=True, kl_target=0.01, kl_horizon=10, checkpoint_every=1)
     resuming = os.path.exists(os.path.join(out, "run", "checkpoint"))
-    history = train_ppo(model, tiny_gpt(), tiny_reward_model(), PROMPTS, cfg, EOS, PAD, out_dir=os.path.join(out, "run"),
-                        resume=resuming, log=log, progress=False)
+    history = train_ppo(model, tiny_gpt(), tiny_reward_model(), PROMPTS, cfg, EOS, PAD,
+                        out_dir=os.path.join(out, "run"), resume=resuming, log=log, progress=False)
     save(out, "resume", model, history)
 
 

@@ -115,8 +115,9 @@ def train_ppo(policy, reference, reward_model, prompts, config, eos_id, pad_id, 
         last_minibatch = run.mean({"loss/policy_avg": float(policy_loss.item()),
                                    "loss/value_avg": float(value_loss.item()), **clip_metrics(stats)},
                                   float(mb.mask.sum()))  # token means, as is the entropy
-        metrics = {**rollout_metrics(batch, scores), **kl, **run.mean({"entropy": float(entropy)}, float(mine.mask.sum())),
-                   "beta": beta, **last_minibatch, "learning_rate": lr, "grad_norm": grad_norm}
+        metrics = {**rollout_metrics(batch, scores), **kl,
+                   **run.mean({"entropy": float(entropy)}, float(mine.mask.sum())), "beta": beta, **last_minibatch,
+                   "learning_rate": lr, "grad_norm": grad_norm}
         run.end_step(step, metrics, shown=("reward", "objective/kl"),
                      extra={"beta": kl_control.beta} if config.adaptive_kl else None)
     return run.history

@@ -73,7 +73,8 @@ def train_sft(model, examples, config, pad_id=0, out_dir=None, resume=False, log
         loss_sum = 0.0
         for ids, targets, mask in batches:
             rows = run.split(len(ids))  # this rank's examples of the micro-batch (all of them in one process)
-            loss = losses.sft_loss(model(xp.asarray(ids[rows])), targets[rows], mask[rows], num_tokens=num_tokens)
+            loss = losses.sft_loss(model(xp.asarray(ids[rows])), targets[rows], mask[rows],
+                                   num_tokens=num_tokens)
             loss.backward()
             loss_sum += float(loss.item())
         grad_norm = run.optimizer_step()
