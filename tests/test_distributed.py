@@ -169,6 +169,26 @@ def test_two_ranks_refuse_a_step_with_fewer_prompts_than_ranks(tmp_path):
     assert "1 prompts per step for 2 ranks" in failed.stderr
 
 
+@needs_mpi
+def test_mpiexec_minirlhf_sft_writes_one_run_like_one_process(tmp_path):
+    """The command line under mpiexec (float32 models): rank 0 writes the run folder and prints the
+    result once, and the model is the one process's to float32 rounding."""
+    from minirlhf.model import GPT
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    command = [sys.executable, "-m", "minirlhf.cli", "sft", "--quick", "--steps", "3", "--n-heldout", "8",
+               "--no-progress", "--out"]
+    one = subprocess.run(command + [str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=120)
+    two = subprocess.run([MPIEXEC, "-n", "2"] + command + [str(tmp_path / "two")], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert json.loads(two.stdout) == pytest.approx(json.loads(one.stdout), abs=1e-5)  # one JSON object: rank 0's
+    assert len(open(tmp_path / "two" / "metrics.jsonl").readlines()) == 3
+    expected, got = (GPT.load(str(tmp_path / name / "model")).state_dict() for name in ("one", "two"))
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-5, err_msg=name)
+
+
 # --------------------------------------------------------------------- GPUs
 @pytest.mark.gpu
 @pytest.mark.skipif(not (MPI_READY and backend.gpu_available()), reason="needs mpi4py, mpiexec, cupy and a CUDA GPU")
