@@ -190,8 +190,13 @@ def test_mpiexec_minirlhf_sft_writes_one_run_like_one_process(tmp_path):
 
 
 # --------------------------------------------------------------------- GPUs
+def gpu_count():
+    return backend.cupy_or_none().cuda.runtime.getDeviceCount() if backend.gpu_available() else 0
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not (MPI_READY and backend.gpu_available()), reason="needs mpi4py, mpiexec, cupy and a CUDA GPU")
+@pytest.mark.skipif(not (MPI_READY and gpu_count() >= 2),
+                    reason="needs mpi4py, mpiexec, cupy and two CUDA GPUs (NCCL refuses two ranks on one GPU)")
 def test_two_ranks_on_gpus_sum_gradients_with_nccl(tmp_path):
     done = job("nccl", tmp_path, ranks=2)
     assert "nccl ok" in done.stdout
