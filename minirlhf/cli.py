@@ -19,6 +19,7 @@ import json
 import sys
 
 from . import backend
+from .distributed import world
 
 # settings a later stage takes from the --sft run unless given
 INHERITED = {"seed": "the --sft run's seed", "max_new_tokens": "the task's answer length, digits + 3 (5 for 2 digits)"}
@@ -146,8 +147,11 @@ def main(argv=None):
         metrics = run_stage_command(args)
     except (ValueError, OSError) as e:
         print(f"minirlhf {args.command}: error: {e}", file=sys.stderr)
+        if world().size > 1:
+            world().abort(2)  # the other ranks would wait for this one forever
         return 2
-    print(json.dumps(metrics, indent=2))
+    if world().rank == 0:
+        print(json.dumps(metrics, indent=2))
     return 0
 
 

@@ -50,7 +50,10 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
 
     ``prompt_ids``: a list of token lists (left-padded here with ``pad_id``), or a (B, T)
     integer array with ``attention_mask`` (B, T) (all ones if omitted). The same ``seed``
-    gives the same output. Runs under ``no_grad`` with the model in eval mode.
+    gives the same output; a list of B seeds gives each row its own generator, so a row's
+    sample does not depend on which rows share its batch (data-parallel ranks sample their
+    share of a batch exactly as one process samples all of it). Runs under ``no_grad`` with
+    the model in eval mode.
     """
     _check_args(max_new_tokens, temperature, top_k, top_p)
     xp = model.wte.weight.xp
@@ -64,7 +67,12 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
     if not 0 <= pad_id < model.config.vocab_size:
         raise ValueError(f"generate: pad_id must be a token id in [0, vocab_size={model.config.vocab_size}) "
                          f"(finished rows are fed it), got {pad_id}")
-    rng = xp.random.default_rng(seed)
+    if np.ndim(seed) == 0:
+        rng = xp.random.default_rng(seed)
+    elif len(seed) == B:
+        rng = [xp.random.default_rng(int(s)) for s in seed]
+    else:
+        raise ValueError(f"generate: seed must be an int or one int per row ({B}), got {len(seed)} seeds")
     full_mask = xp.zeros((B, T + N), dtype=np.float32)  # prompt then generated columns
     full_mask[:, :T] = mask
     tokens = xp.full((B, N), pad_id, dtype=np.int64)
@@ -103,7 +111,10 @@ def _sample(logits, temperature, top_k, top_p, rng, xp):
         y = xp.argmax(logits, axis=-1)
         return y, _log_softmax_at(logits, y, xp)
     z = logits / np.float32(temperature)
-    u = rng.random(z.shape, dtype=np.float32)
+    if isinstance(rng, list):
+        u = xp.stack([r.random(z.shape[1], dtype=np.float32) for r in rng])
+    else:
+        u = rng.random(z.shape, dtype=np.float32)
     gumbel = -xp.log(-xp.log(xp.maximum(u, np.float32(1e-20))))
     y = xp.argmax(_filter(z, top_k, top_p, xp) + gumbel, axis=-1)
     return y, _log_softmax_at(z, y, xp)

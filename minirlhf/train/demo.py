@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import asdict
 
+from ..distributed import world
 from ..tasks.environment import AdditionEnvironment
 from .stages import STAGES, Inputs, prepare_out, run_stage, stage_settings, write_json
 
@@ -54,8 +55,9 @@ def run_demo(out="minirlhf-demo", quick=False, seed=0, progress=True, stream=Non
     write_json(os.path.join(out, "results.json"), results)
     write_json(os.path.join(out, "timings.json"), {"seconds": results["seconds"], "stages": timings})
     write_json(os.path.join(out, "run.json"), {"stage": "demo", "seed": seed, "quick": quick, "finished": True})
-    stream.write(format_table(results) + "\n")
-    stream.write(save_plot(histories, os.path.join(out, "training.png")) + "\n")
+    if world().rank == 0:
+        stream.write(format_table(results) + "\n")
+        stream.write(save_plot(histories, os.path.join(out, "training.png")) + "\n")
     return results
 
 
@@ -67,7 +69,10 @@ def prepare_demo_out(out, overwrite):
     if entries and not overwrite:
         raise ValueError(f"--out {out} is not empty (it holds {', '.join(sorted(entries)[:4])}...); pass "
                          "--overwrite to replace a previous demo there, or choose another folder")
-    os.makedirs(out, exist_ok=True)
+    world().barrier()  # every rank has looked at the folder before rank 0 makes it
+    if world().rank == 0:
+        os.makedirs(out, exist_ok=True)
+    world().barrier()
 
 
 def format_table(results):

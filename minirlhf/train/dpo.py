@@ -67,17 +67,19 @@ def train_dpo(policy, reference, pairs, config, pad_id, out_dir=None, resume=Fal
     run = Run("dpo", policy, config, out_dir, resume, log, progress)
     for step in run.steps():
         lr = run.lr
-        picked = draw_rows(len(pairs), config.batch_size, config.seed, step, PAIRS)
+        drawn = draw_rows(len(pairs), config.batch_size, config.seed, step, PAIRS)
+        picked = drawn[run.split(len(drawn))]  # this rank's pairs (all of them in one process)
         pi_chosen, pi_rejected = pair_logprobs(policy, [pairs[i] for i in picked], pad_id)
         loss, chosen_rewards, rejected_rewards = losses.dpo_loss(
             pi_chosen, pi_rejected, ref_chosen[picked], ref_rejected[picked], beta=config.beta,
             loss_type=config.loss_type, label_smoothing=config.label_smoothing)
-        grad_norm = run.optimizer_step(loss)
+        grad_norm = run.optimizer_step(loss, len(picked) / len(drawn))
         margin = chosen_rewards.data - rejected_rewards.data
-        run.end_step(step, {"loss": float(loss.item()), "rewards/chosen": float(chosen_rewards.data.mean()),
+        run.end_step(step, {"loss": run.loss, **run.mean({
+                            "rewards/chosen": float(chosen_rewards.data.mean()),
                             "rewards/rejected": float(rejected_rewards.data.mean()),
                             "rewards/margins": float(margin.mean()), "rewards/accuracies": float((margin > 0).mean()),
                             "logps/chosen": float(pi_chosen.data.mean()),
-                            "logps/rejected": float(pi_rejected.data.mean()),
+                            "logps/rejected": float(pi_rejected.data.mean())}, len(picked)),
                             "learning_rate": lr, "grad_norm": grad_norm}, shown=("loss", "rewards/margins"))
     return run.history

@@ -67,28 +67,33 @@ def train_grpo(policy, reference, prompts, reward_fn, config, eos_id, pad_id, ou
     for step in run.steps():
         lr = run.lr
         batch = step_rollout(policy, prompts, config, step, config.group_size, eos_id, pad_id)
-        rewards = np.asarray(reward_fn(batch.index, batch.responses()), dtype=np.float32)
-        advantages = losses.grpo_advantages(rewards, config.group_size, scale=config.scale)
+        rows = run.split(len(batch), config.group_size)
+        mine = batch.rows(rows)  # this rank's prompt groups (all of them in one process)
+        rewards = run.world.gather(np.asarray(reward_fn(mine.index, mine.responses()), dtype=np.float32))
+        advantages = losses.grpo_advantages(rewards, config.group_size, scale=config.scale).data[rows]
+        tokens = float(mine.mask.sum())
+        weight = tokens / float(batch.mask.sum()) if config.loss_type in ("bnpo", "dapo") else len(mine) / len(batch)
         ref_logp = None
         if config.beta != 0:
             with no_grad():
-                ref_logp = response_logprobs(reference, batch).data
+                ref_logp = response_logprobs(reference, mine).data
         old_logp = None
         if config.epochs > 1:
             with no_grad():
-                old_logp = response_logprobs(policy, batch).data
+                old_logp = response_logprobs(policy, mine).data
         for _ in range(config.epochs):
-            logp, entropy = response_logprobs(policy, batch, entropy=True)
+            logp, entropy = response_logprobs(policy, mine, entropy=True)
             if old_logp is None:
                 old_logp = logp.data
-            loss, stats = losses.grpo_loss(logp, old_logp, ref_logp, advantages, batch.mask, beta=config.beta,
+            loss, stats = losses.grpo_loss(logp, old_logp, ref_logp, advantages, mine.mask, beta=config.beta,
                                            clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high,
                                            loss_type=config.loss_type)
-            grad_norm = run.optimizer_step(loss)
-        metrics = {"loss": float(loss.item()), **rollout_metrics(batch, rewards, config.group_size),
-                   **kl_metrics(old_logp, ref_logp, batch.mask), "entropy": float(entropy),
-                   **clip_metrics(stats), "learning_rate": lr, "grad_norm": grad_norm}
+            grad_norm = run.optimizer_step(loss, weight)
+        token_means = {"entropy": float(entropy), **clip_metrics(stats)}
         if "kl" in stats:
-            metrics["kl"] = float(stats["kl"])
+            token_means["kl"] = float(stats["kl"])
+        metrics = {"loss": run.loss, **rollout_metrics(batch, rewards, config.group_size),
+                   **run.mean(kl_metrics(old_logp, ref_logp, mine.mask), len(mine)), **run.mean(token_means, tokens),
+                   "learning_rate": lr, "grad_norm": grad_norm}
         run.end_step(step, metrics, shown=("reward", "kl") if "kl" in metrics else ("reward",))
     return run.history

@@ -87,30 +87,36 @@ def train_ppo(policy, reference, reward_model, prompts, config, eos_id, pad_id, 
         lr = run.lr
         beta = kl_control.beta if config.adaptive_kl else config.beta
         batch = step_rollout(policy, prompts, config, step, 1, eos_id, pad_id)
-        scores = score_rollout(reward_model, batch)
+        mine = batch.rows(run.split(len(batch)))  # this rank's rollouts (all of them in one process)
+        scores = run.world.gather(score_rollout(reward_model, mine))
         with no_grad():
-            old_logp, old_values, entropy = response_logprobs(policy, batch, values=True, entropy=True)
-            old_logp, old_values = old_logp.data, old_values.data * batch.mask
-            ref_logp = response_logprobs(reference, batch).data
+            old_logp, old_values, entropy = response_logprobs(policy, mine, values=True, entropy=True)
+            old_logp, old_values = run.world.gather(old_logp.data), run.world.gather(old_values.data) * batch.mask
+            ref_logp = run.world.gather(response_logprobs(reference, mine).data)
         rewards = losses.kl_penalty(old_logp, ref_logp, batch.mask, scores, beta).data
         advantages, returns = losses.gae(rewards, old_values, batch.mask, gamma=config.gamma, lam=config.lam)
         advantages = losses.whiten(advantages, batch.mask).data
         rng = step_rng(config.seed, step, MINIBATCHES)
         for _ in range(config.epochs):
-            for rows in np.array_split(rng.permutation(len(batch)), config.minibatches):
+            for minibatch in np.array_split(rng.permutation(len(batch)), config.minibatches):
+                rows = minibatch[run.split(len(minibatch))]
                 mb = batch.rows(rows)
                 logp, values = response_logprobs(policy, mb, values=True)
                 policy_loss, stats = losses.ppo_policy_loss(logp, old_logp[rows], advantages[rows], mb.mask,
                                                             clip_eps=config.clip_eps)
                 value_loss = losses.ppo_value_loss(values, old_values[rows], returns.data[rows], mb.mask,
                                                    clip_eps=config.value_clip)
-                grad_norm = run.optimizer_step(policy_loss + config.vf_coef * value_loss)
+                weight = float(mb.mask.sum()) / float(batch.mask[minibatch].sum())  # both losses are token means
+                grad_norm = run.optimizer_step(policy_loss + config.vf_coef * value_loss, weight)
         kl = kl_metrics(old_logp, ref_logp, batch.mask)
         if config.adaptive_kl:
             kl_control.update(kl["objective/kl"], len(batch))
-        metrics = {**rollout_metrics(batch, scores), **kl, "entropy": float(entropy), "beta": beta,
-                   "loss/policy_avg": float(policy_loss.item()), "loss/value_avg": float(value_loss.item()),
-                   **clip_metrics(stats), "learning_rate": lr, "grad_norm": grad_norm}
+        last_minibatch = run.mean({"loss/policy_avg": float(policy_loss.item()),
+                                   "loss/value_avg": float(value_loss.item()), **clip_metrics(stats)},
+                                  float(mb.mask.sum()))  # token means, as is the entropy
+        metrics = {**rollout_metrics(batch, scores), **kl,
+                   **run.mean({"entropy": float(entropy)}, float(mine.mask.sum())), "beta": beta, **last_minibatch,
+                   "learning_rate": lr, "grad_norm": grad_norm}
         run.end_step(step, metrics, shown=("reward", "objective/kl"),
                      extra={"beta": kl_control.beta} if config.adaptive_kl else None)
     return run.history

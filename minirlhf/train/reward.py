@@ -55,13 +55,14 @@ def train_reward_model(reward_model, pairs, config, pad_id, out_dir=None, resume
     run = Run("rm", reward_model, config, out_dir, resume, log, progress)
     for step in run.steps():
         lr = run.lr
-        picked = draw_rows(len(pairs), config.batch_size, config.seed, step, PAIRS)
+        drawn = draw_rows(len(pairs), config.batch_size, config.seed, step, PAIRS)
+        picked = drawn[run.split(len(drawn))]  # this rank's pairs (all of them in one process)
         r_chosen, r_rejected = pair_scores(reward_model, [pairs[i] for i in picked], pad_id)
         loss, accuracy = losses.bradley_terry_loss(r_chosen, r_rejected)
-        grad_norm = run.optimizer_step(loss)
-        run.end_step(step, {"loss": float(loss.item()), "accuracy": float(accuracy),
-                            "margin": float((r_chosen.data - r_rejected.data).mean()), "learning_rate": lr,
-                            "grad_norm": grad_norm}, shown=("loss", "accuracy"))
+        grad_norm = run.optimizer_step(loss, len(picked) / len(drawn))
+        run.end_step(step, {"loss": run.loss, **run.mean({"accuracy": float(accuracy),
+                            "margin": float((r_chosen.data - r_rejected.data).mean())}, len(picked)),
+                            "learning_rate": lr, "grad_norm": grad_norm}, shown=("loss", "accuracy"))
     return run.history
 
 

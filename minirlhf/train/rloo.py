@@ -53,14 +53,17 @@ def train_rloo(policy, reference, prompts, reward_fn, config, eos_id, pad_id, ou
     for step in run.steps():
         lr = run.lr
         batch = step_rollout(policy, prompts, config, step, config.group_size, eos_id, pad_id)
-        scores = np.asarray(reward_fn(batch.index, batch.responses()), dtype=np.float32)
-        logp, entropy = response_logprobs(policy, batch, entropy=True)
+        rows = run.split(len(batch), config.group_size)
+        mine = batch.rows(rows)  # this rank's prompt groups (all of them in one process)
+        scores = run.world.gather(np.asarray(reward_fn(mine.index, mine.responses()), dtype=np.float32))
+        logp, entropy = response_logprobs(policy, mine, entropy=True)
         with no_grad():
-            ref_logp = response_logprobs(reference, batch).data
-        returns = scores - config.beta * losses.response_kl(logp.data, ref_logp, batch.mask, "k1").data
-        loss = losses.reinforce_loss(logp, returns, batch.mask, baseline="rloo", group_size=config.group_size)
-        grad_norm = run.optimizer_step(loss)
-        run.end_step(step, {"loss": float(loss.item()), **rollout_metrics(batch, scores, config.group_size),
-                            **kl_metrics(logp.data, ref_logp, batch.mask), "entropy": float(entropy),
+            ref_logp = response_logprobs(reference, mine).data
+        returns = scores[rows] - config.beta * losses.response_kl(logp.data, ref_logp, mine.mask, "k1").data
+        loss = losses.reinforce_loss(logp, returns, mine.mask, baseline="rloo", group_size=config.group_size)
+        grad_norm = run.optimizer_step(loss, len(mine) / len(batch))
+        run.end_step(step, {"loss": run.loss, **rollout_metrics(batch, scores, config.group_size),
+                            **run.mean(kl_metrics(logp.data, ref_logp, mine.mask), len(mine)),
+                            **run.mean({"entropy": float(entropy)}, float(mine.mask.sum())),
                             "learning_rate": lr, "grad_norm": grad_norm}, shown=("reward", "objective/kl"))
     return run.history

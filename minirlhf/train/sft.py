@@ -72,11 +72,13 @@ def train_sft(model, examples, config, pad_id=0, out_dir=None, resume=False, log
         num_tokens = sum(float(mask.sum()) for _, _, mask in batches)
         loss_sum = 0.0
         for ids, targets, mask in batches:
-            loss = losses.sft_loss(model(xp.asarray(ids)), targets, mask, num_tokens=num_tokens)
+            rows = run.split(len(ids))  # this rank's examples of the micro-batch (all of them in one process)
+            loss = losses.sft_loss(model(xp.asarray(ids[rows])), targets[rows], mask[rows],
+                                   num_tokens=num_tokens)
             loss.backward()
             loss_sum += float(loss.item())
         grad_norm = run.optimizer_step()
-        run.end_step(step, {"loss": loss_sum, "learning_rate": lr, "grad_norm": grad_norm, "num_tokens": num_tokens},
+        run.end_step(step, {"loss": run.world.sum(loss_sum), "learning_rate": lr, "grad_norm": grad_norm, "num_tokens": num_tokens},
                      shown=("loss",), extra={"data_rng": data_rng.bit_generator.state})
     return run.history
 

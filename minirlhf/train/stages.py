@@ -23,6 +23,7 @@ from typing import Callable
 
 from .. import backend
 from ..checkpoint import read_config
+from ..distributed import world
 from ..llama import Llama, LlamaRewardModel
 from ..model import GPT, GPTConfig, RewardModel
 from ..pretrained import from_pretrained
@@ -210,18 +211,24 @@ def prepare_out(out_dir, stage_name, resume=False, overwrite=False, reads=()):
         if held != stage_name:
             raise ValueError(f"--out {out_dir} holds a {held} run, not a {stage_name} run; it cannot be resumed "
                              "as one")
-    if overwrite:
+    world().barrier()  # every rank has checked the folder before rank 0 changes it
+    if overwrite and world().rank == 0:
         for name in RUN_FILES:
             path = os.path.join(out_dir, name)
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path)
             elif os.path.lexists(path):
                 os.remove(path)
-    os.makedirs(out_dir, exist_ok=True)
+    if world().rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+    world().barrier()
 
 
 def write_json(path, obj):
-    """Write ``obj`` as JSON to ``path`` atomically (a temporary file renamed into place)."""
+    """Write ``obj`` as JSON to ``path`` atomically (a temporary file renamed into place); data parallel,
+    rank 0 writes."""
+    if world().rank != 0:
+        return
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
@@ -235,10 +242,12 @@ def run_stage(stage, out_dir, inputs, configs, resume=False, progress=True, read
     record = {"stage": stage.name, "seed": inputs.seed, "finished": False, "reads": reads or {},
               "settings": {cls.__name__: asdict(c) for cls, c in zip(stage.configs, configs)}}
     write_json(os.path.join(out_dir, "run.json"), record)
-    if stage.name == "sft":
+    root = world().rank == 0
+    if stage.name == "sft" and root:
         inputs.env.tokenizer.save(os.path.join(out_dir, "tokenizer"))
     model, history, metrics = stage.train(inputs, *configs, out_dir=out_dir, resume=resume, progress=progress)
-    model.save(os.path.join(out_dir, "model"))
+    if root:
+        model.save(os.path.join(out_dir, "model"))
     write_json(os.path.join(out_dir, "eval.json"), metrics)
     write_json(os.path.join(out_dir, "run.json"), {**record, "finished": True})
     return model, history, metrics
