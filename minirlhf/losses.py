@@ -674,7 +674,8 @@ def gspo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, clip_eps=3e-
 
 
 # ------------------------------------------------------ preference (DPO)
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "cdpo", "ipo_norm")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "cdpo")
+DPO_LENGTH_LOSS_TYPES = ("ipo_norm",)   # these also need the response lengths len_chosen, len_rejected
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 
@@ -716,7 +717,7 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_ty
     Returns (loss, chosen_rewards, rejected_rewards): the batch-mean loss and the detached
     implicit rewards β log(π/π_ref) of each response, (B,).
     """
-    _check_option(loss_type, DPO_LOSS_TYPES, "loss_type")
+    _check_option(loss_type, DPO_LOSS_TYPES + DPO_LENGTH_LOSS_TYPES, "loss_type")
     _check_positive(beta, "beta")
     if loss_type in ("cdpo", "robust"):
         if not 0 <= label_smoothing < 0.5:
