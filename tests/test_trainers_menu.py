@@ -57,10 +57,8 @@ def test_overlong_penalty_is_added_to_the_reward_the_trainer_logs():
 def test_dynamic_sampling_trains_only_on_groups_whose_rewards_differ():
     seen = []
 
-    def reward(index, responses):
-        r = first_token_is_good(index, responses)
-        r[:4] = [1.0] * 4  # the first group always agrees: it must be dropped
-        return r
+    def reward(index, responses):  # the first group always agrees (it must be dropped), the second never
+        return [1.0] * 4 + [float(i % 2) for i in range(len(responses) - 4)]
 
     def recording(policy_loss):
         def wrapped(logp, old_logp, ref_logp, advantages, mask, **kw):
@@ -76,9 +74,8 @@ def test_dynamic_sampling_trains_only_on_groups_whose_rewards_differ():
     finally:
         losses.POLICY_OBJECTIVES["cispo"] = original
     assert len(seen) == len(history) == 3
-    for rows, h in zip(seen, history):
-        assert h["frac_reward_zero_std"] >= 0.5  # measured on the sampled batch, before dropping
-        assert rows == 4 * round((1 - h["frac_reward_zero_std"]) * 2) or (rows == 8 and h["frac_reward_zero_std"] == 1)
+    assert seen == [4, 4, 4]
+    assert all(h["frac_reward_zero_std"] == 0.5 for h in history)  # measured on the sampled batch, before dropping
 
 
 @pytest.mark.parametrize("options, message", [
