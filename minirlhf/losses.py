@@ -28,6 +28,24 @@ log π_ref(y_t), ρ_t = π(y_t)/π_old(y_t), σ the logistic function, A an adva
   simpo_loss             −log σ(β/|y_w| log π(y_w) − β/|y_l| log π(y_l) − γ)      Meng et al. 2024, eq. 6
   orpo_loss              NLL(y_w) − λ log σ(log odds(y_w) − log odds(y_l))        Hong et al. 2024, eqs. 6–7
   kto_loss               λ_y − v(y),  v = λ σ(±β(log r − z0))            Ethayarajh et al. 2024, §4
+  kto_reference_point    z0 = max(0, mean log π/π_ref of mismatched pairs)   Ethayarajh et al. 2024, §4.1
+
+The loss menu (after the classics):
+
+  reinforce_pp_baseline_advantages  whiten_batch(r − mean_group r)        Hu et al. 2025
+  remax_advantages       r(y) − r(greedy ȳ)                              Li et al. 2023, Algorithm 1
+  pass_at_k_advantages   mean best-of-k reward of the k-subsets holding i, minus R̄   Chen et al. 2025, eqs. 14–15
+  cispo_loss             −sg(clip(ρ, 1−ε_low, 1+ε_high)) A log π          MiniMax-M1 2025, eq. 4
+  gmpo_loss              −A exp(mean_t clip(log ρ_t))                     Zhao et al. 2025
+  sapo_loss              −(4/τ) σ(τ(ρ − 1)) A                             Gao et al. 2025
+  clip_cov_loss          PPO, with random high-covariance tokens cut off  Cui et al. 2025, §5
+  kl_cov_loss            −ρ A + k |log ρ| on the top-covariance tokens    Cui et al. 2025, §5
+  rollout_correction_weights  min(ρ, C) per token or sequence; ρ·[ρ <= C]; ρ·[a <= ρ <= b]   TIS, MIS, IcePop
+  overlong_penalty       −clip((|y| − L_max + L_cache) / L_cache, 0, 1)   Yu et al. 2025 (DAPO), eq. 13
+  informative_groups     groups with 0 < #correct < G                     Yu et al. 2025 (DAPO), eq. 11
+  and options of the classics: grpo/rloo_advantages(index=...) for groups of any size; kl_estimate's
+  "abs", "k1+", "k3+"; dpo_loss's rpo_alpha (Pang et al. 2024), "ipo_norm" (TRL's IPO) and
+  f_divergence (Wang et al. 2023)
 
 Argument checks and conversions live in ``minirlhf/_checks.py``; the differentiable pieces
 the losses share (token_logprobs, k3, log1mexp) in ``minirlhf/functional.py``.
@@ -55,8 +73,8 @@ from . import backend
 from . import functional as F
 from .tensor import Tensor
 from ._checks import (_array, _check_clip, _check_finite, _check_int_range, _check_nonnegative, _check_option,
-                      _check_positive, _const, _group_index, _groups, _mask, _num_tokens, _per_sequence, _per_token,
-                      _tensor)
+                      _check_positive, _const, _group_index, _groups, _is_real, _mask, _num_tokens, _per_sequence,
+                      _per_token, _tensor)
 
 token_logprobs = F.token_logprobs
 log1mexp = F.log1mexp
@@ -568,8 +586,8 @@ def _group_centred(r, group_size, index):
 def _group_unbiased_std(centred, n, inverse, counts):
     """sqrt(Σ_group c² / (n − 1)) per row, scaled by max |c| first so that no square overflows."""
     xp = backend.get_array_module(centred)
-    s = xp.abs(centred).max() if centred.size else 0
-    u = centred / (s if s > 0 else 1)
+    s = xp.abs(centred).max() if centred.size else xp.zeros((), centred.dtype)
+    u = centred / xp.where(s > 0, s, 1)
     return s * xp.sqrt(_group_sum(u * u, inverse, counts) / xp.maximum(n - 1, 1))
 
 
@@ -731,7 +749,7 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_ty
     if f_divergence != "reverse_kl" and loss_type in ("ipo", "ipo_norm"):
         raise ValueError(f"f_divergence: {f_divergence!r} applies to the logistic and hinge losses, not to "
                          f"loss_type {loss_type!r}")
-    if f_divergence == "alpha_divergence" and not (_is_real_number(alpha) and 0 < alpha < 1):
+    if f_divergence == "alpha_divergence" and not (_is_real(alpha) and 0 < alpha < 1):
         raise ValueError(f"alpha: must lie in (0, 1) for the alpha divergence, got {alpha!r}")
     pi_chosen = _tensor(pi_chosen, "pi_chosen")
     shape = pi_chosen.shape
@@ -774,10 +792,6 @@ def _lengths(lengths, like, name):
     if (n.data < 1).any():
         raise ValueError(f"{name}: response lengths must be >= 1 token, got {n.data[n.data < 1][:3].tolist()}")
     return n
-
-
-def _is_real_number(x):
-    return isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _f_divergence_logit(u_w, u_l, f_divergence, alpha):
@@ -1017,8 +1031,8 @@ def cispo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, clip_eps=No
     clip_eps (ε_low) None leaves the ratio unbounded below, as the paper does (it tunes only
     ε_high); clip_eps_high > 0. At ρ = 1 the gradient equals PPO's. The loss value is not a
     surrogate of the return, only its gradient is meaningful. Other arguments as in grpo_loss
-    (beta adds β · token-mean k3 to the reference). Returns (loss, stats) with clip_fraction
-    (share of tokens whose weight was clipped) and kl.
+    (beta adds β · token-mean k3 to the reference). Returns (loss, stats) with weight_clip_fraction
+    (share of tokens whose weight was clipped; not PPO's clip_fraction, no branch is dropped) and kl.
     """
     _check_nonnegative(beta, "beta")
     if clip_eps is not None:
@@ -1029,7 +1043,7 @@ def cispo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, clip_eps=No
     low = 0.0 if clip_eps is None else 1.0 - clip_eps
     weight = logp.xp.clip(ratio, low, 1.0 + clip_eps_high)
     per_token = -(A * Tensor(weight, dtype=logp.dtype)) * logp
-    stats = {"clip_fraction": _fraction((weight != ratio).astype(logp.dtype), m)}
+    stats = {"weight_clip_fraction": _fraction((weight != ratio).astype(logp.dtype), m)}
     loss = _keep(per_token, m).sum() / _num_tokens(num_tokens, m)
     return _with_reference_kl(loss, logp, ref_logp, m, beta, stats, "bnpo"), stats
 
@@ -1106,7 +1120,8 @@ def clip_cov_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, clip_eps
     surrogate, token mean, with the gradient of a few high-covariance tokens cut off. The tokens
     whose Cov_t = (log π_t − mean log π)(A_t − mean A) lies in [cov_low, cov_high] are the
     candidates; max(1, ⌊clip_ratio · N⌋) of them, drawn at random (``seed``), contribute 0 to the
-    loss, as in verl (N = Σ m). Their covariance is what drives entropy collapse.
+    loss, as in verl (N = Σ m; verl's defaults 2e-4, 1, 5). Their covariance is what drives entropy
+    collapse. The selection runs on the host (one device-to-host copy of the (B, T) covariances).
     Other arguments as in grpo_loss. Returns (loss, stats) with clip_fraction, cov_fraction
     (share of tokens cut off) and kl.
     """
@@ -1132,15 +1147,15 @@ def clip_cov_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, clip_eps
     return _with_reference_kl(loss, logp, ref_logp, m, beta, stats, "bnpo"), stats
 
 
-def kl_cov_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, kl_coef=1.0, top_ratio=2e-3,
+def kl_cov_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, kl_coef=1.0, top_ratio=2e-4,
                 num_tokens=None):
     """KL-Cov (Cui et al. 2025, "The Entropy Mechanism of RL for Reasoning LMs", §5): the unclipped
     surrogate −ρ_t A_t, plus a KL penalty on the tokens of largest covariance only,
 
         ℓ_t = −ρ_t A_t + kl_coef · |log ρ_t| · [t among the top max(1, ⌊top_ratio · N⌋) by Cov_t]
 
-    with Cov_t as in clip_cov_loss, token mean over N = Σ m (verl's convention). kl_coef >= 0;
-    top_ratio >= 0. Other arguments as in grpo_loss. Returns (loss, stats) with cov_fraction
+    with Cov_t as in clip_cov_loss, token mean over N = Σ m (verl's convention). kl_coef >= 0 (1, as
+    the paper's scripts set it; verl's config defaults to 0.1); top_ratio >= 0 (verl's 2e-4). Other arguments as in grpo_loss. Returns (loss, stats) with cov_fraction
     (share of penalised tokens) and kl.
     """
     _check_nonnegative(beta, "beta")
