@@ -530,7 +530,8 @@ def grpo_advantages(rewards, group_size=None, scale="group", eps=1e-4, index=Non
     (Hu 2025; TRL's scale_rewards="batch"); "none" — no division (Dr. GRPO, Liu et al.
     2025). A group whose rewards are all equal gets exactly 0. Instead of group_size, ``index``
     (B,) gives each row's group id, for groups of unequal sizes; a group of one has nothing to
-    compare with and gets 0 (verl keeps its raw score instead). Returns detached (B,).
+    compare with and gets 0 (verl keeps its raw score instead). With neither, the whole batch is one
+    group. Returns detached (B,).
     """
     _check_option(scale, ("group", "batch", "none"), "scale")
     _check_nonnegative(eps, "eps")
