@@ -153,8 +153,10 @@ def train_grpo(policy, reference, prompts, reward_fn, config, eos_id, pad_id, ou
             logp, entropy = response_logprobs(policy, batch, entropy=True)
             if old_logp is None:
                 old_logp = logp.data
-            A = advantages if config.rollout_correction is None else advantages.data[:, None] * \
-                losses.rollout_correction_weights(old_logp, batch.logprobs, batch.mask, config.rollout_correction).data
+            A = advantages
+            if config.rollout_correction is not None:
+                A = advantages.data[:, None] * losses.rollout_correction_weights(
+                    old_logp, batch.logprobs, batch.mask, config.rollout_correction).data
             if config.loss_type in losses.POLICY_OBJECTIVES:
                 loss, stats = losses.POLICY_OBJECTIVES[config.loss_type](logp, old_logp, ref_logp, A, batch.mask,
                                                                          beta=config.beta)
