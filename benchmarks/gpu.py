@@ -9,8 +9,9 @@ list of records ``{"benchmark", "impl", "shape", "median_ms", "peak_mem_mb", "de
 records of the benchmarks not run this time are kept. Then prints a table.
 
 * attention: causal attention forward + backward, B=4, H=12, d=64, T in {256, 1024, 2048, 4096};
-  "fused" (minirlhf.kernels.attention), "naive" (CuPy matmul + softmax, the formula of
-  F.scaled_dot_product_attention's plain path), "torch" (torch SDPA, fp32, same GPU).
+  "fused" (minirlhf.kernels.attention, SIMT fp32), "fused_tf32x3" (its 3xTF32 tensor-core kernels),
+  "naive" (CuPy matmul + softmax, the formula of F.scaled_dot_product_attention's plain path),
+  "torch" (torch SDPA, fp32, same GPU).
 * attention_forward: the same, forward only, with "tflops" = causal FLOPs 4·B·H·T²·d/2 per second.
 * logprobs: log-probs of B=8 × T=1024 targets over V=50257, forward + backward: "fused",
   "naive" (CuPy log-softmax + take_along_axis), "torch"; and from hidden states (C=768) through
@@ -192,12 +193,13 @@ def bench_attention(cp, torch, repeats, quick, forward_only):
         scale = 1.0 / math.sqrt(d)
         shape = {"B": B, "H": H, "T": T, "d": d, "causal": True}
 
-        def fused():
-            out, lse = attention.forward(q, k, v, None, True)
+        def fused(tensor_cores):
+            out, lse = attention.forward(q, k, v, None, True, tensor_cores=tensor_cores)
             if not forward_only:
-                attention.backward(q, k, v, out, lse, dout, None, True)
+                attention.backward(q, k, v, out, lse, dout, None, True, tensor_cores=tensor_cores)
 
-        impls = {"fused": lambda: cupy_measure(cp, fused, repeats),
+        impls = {"fused": lambda: cupy_measure(cp, lambda: fused(False), repeats),
+                 "fused_tf32x3": lambda: cupy_measure(cp, lambda: fused(True), repeats),
                  "naive": lambda: cupy_measure(cp, lambda: naive_attention(cp, q, k, v, None if forward_only
                                                                            else dout, scale), repeats)}
         if torch is not None:

@@ -96,22 +96,22 @@ def _seed(text):
 
 def run_stage_command(args):
     """``minirlhf <stage>``: settings from defaults, --quick, --config and flags; the run; its eval.json."""
-    from .tasks.environment import AdditionEnvironment, TaskConfig
     from .train.config import read_json
-    from .train.stages import STAGES, Inputs, load_inputs, prepare_out, read_run, run_stage, stage_settings
+    from .train.stages import (STAGES, Inputs, environment, load_inputs, prepare_out, read_run, run_stage,
+                               sft_environment, stage_settings)
     stage = STAGES[args.command]
     reads = {r: getattr(args, r) for r in stage.reads}
     file_values = read_json(args.config, "--config") if args.config else None
     flags = {f.name: getattr(args, f.name) for cls in stage.configs for f in dataclasses.fields(cls)}
     if stage.reads:
         sft_run = read_run(args.sft, "sft")
-        env = AdditionEnvironment(TaskConfig(**sft_run["settings"]["TaskConfig"]), sft_run["seed"])
+        env = sft_environment(args.sft, sft_run)
         inherited = {"seed": sft_run["seed"], "max_new_tokens": env.max_new_tokens}
         configs = stage_settings(stage, args.quick, file_values, flags, inherited)
         inputs = load_inputs(env, configs[0].seed, args.sft, reads.get("rm"))
     else:
         configs = stage_settings(stage, args.quick, file_values, flags)
-        inputs = Inputs(AdditionEnvironment(configs[1], configs[0].seed), configs[0].seed)
+        inputs = Inputs(environment(configs[1], configs[0].seed, configs[2].model), configs[0].seed)
     prepare_out(args.out, stage.name, args.resume, args.overwrite, reads=list(reads.items()))
     _, _, metrics = run_stage(stage, args.out, inputs, configs, resume=args.resume, progress=args.progress,
                               reads=reads)

@@ -267,7 +267,7 @@ def softplus(x):
 
 def k3(x):
     """e^x − 1 − x, Schulman's k3 estimator of KL(π ‖ π_ref) as a function of x = log(π_ref/π)
-    (Schulman 2020, "Approximating KL divergence"). expm1 keeps it exact (and >= 0) near x = 0,
+    (Schulman 2020, "Approximating KL divergence"). expm1 keeps it accurate (and >= 0) near x = 0,
     where exp(x) − 1 − x cancels to noise or even goes negative. d/dx = expm1(x)."""
     em1 = x.xp.expm1(x.data)
     return Tensor._from_op(em1 - x.data, (x,), lambda g: (g * em1,), "k3")
@@ -676,6 +676,9 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale
     if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
         raise ValueError(f"scaled_dot_product_attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit; "
                          "expected q (..., T, d), k (..., S, d), v (..., S, d_v)")
+    if k.shape[-2] == 0:
+        raise ValueError(f"scaled_dot_product_attention: k {k.shape} and v {v.shape} hold no positions (S = 0); "
+                         "the softmax over keys needs at least one")
     k = _tensor(k, q, "scaled_dot_product_attention")
     v = _tensor(v, q, "scaled_dot_product_attention")
     if attn_mask is not None and backend.device_of(getattr(attn_mask, "data", attn_mask)) != q.device:

@@ -114,31 +114,18 @@ def check_state(model, state, path):
                          f"unexpected {unexpected}, wrong shapes {wrong}")
 
 
-def from_pretrained(path, dtype=np.float32):
-    """The model of a Hugging Face directory: a GPT for GPT-2, a Llama for the Llama/Qwen family."""
-    arch = architecture(read_hf_config(path), path)
-    if arch == GPT2:
-        from .model import GPT
-        if np.dtype(dtype).type is not np.float32:
-            raise ValueError(f"from_pretrained: GPT-2 loads in float32 only, got dtype {np.dtype(dtype)}")
-        return GPT.from_pretrained(path)
-    from .llama import Llama
-    return Llama.from_pretrained(path, dtype)
-
-
 # ------------------------------------------------------------ GPT-2
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def load_hf_gpt2(path):
-    """(GPTConfig, state dict) from a ``transformers`` GPT2LMHeadModel directory.
+    """(GPTConfig settings, state dict) from a ``transformers`` GPT2LMHeadModel directory.
 
     Dropout is set to 0: RLHF compares log-probs across forward passes, which dropout would
     make noisy. Settings this GPT does not implement are refused by name. HF's GPT-2 stores its
     projections as Conv1D with weights (in, out); ours are Linear (out, in), so those four
     matrices per block are transposed.
     """
-    from .model import GPTConfig
     hf = read_hf_config(path)
     expected = {"model_type": "gpt2", "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
                 "tie_word_embeddings": True}
@@ -151,9 +138,9 @@ def load_hf_gpt2(path):
     if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
         raise ValueError(f"from_pretrained: {path} has n_inner={hf['n_inner']}; this GPT uses 4 * n_embd "
                          f"= {4 * hf['n_embd']}")
-    cfg = GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                    vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", hf.get("n_ctx")),
-                    dropout=0.0, layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+    cfg = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+               vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", hf.get("n_ctx")),
+               dropout=0.0, layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
     state = {}
     for name, arr in read_hf_weights(path).items():
         name = name.removeprefix("transformer.")
@@ -164,9 +151,8 @@ def load_hf_gpt2(path):
 
 
 # ------------------------------------------------------------ Llama, Qwen2, Qwen3
-def llama_config(hf, path):
-    """LlamaConfig from a LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM config.json."""
-    from .llama import LlamaConfig
+def llama_settings(hf, path):
+    """LlamaConfig's settings from a LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM config.json."""
     arch = architecture(hf, path)
     if arch not in LLAMA_FAMILY:
         raise ValueError(f"from_pretrained: {path} holds a {arch}, not one of {list(LLAMA_FAMILY)}")
@@ -200,26 +186,26 @@ def llama_config(hf, path):
     else:
         qkv_bias = o_bias = bool(hf.get("attention_bias", False))
     n_head = hf["num_attention_heads"]
-    return LlamaConfig(n_layer=hf["num_hidden_layers"], n_head=n_head,
-                       n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=hf["hidden_size"],
-                       intermediate_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
-                       block_size=hf.get("max_position_embeddings", 2048),
-                       head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
-                       rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
-                       qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=family == "qwen3",
-                       tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    return dict(n_layer=hf["num_hidden_layers"], n_head=n_head,
+                n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
+                block_size=hf.get("max_position_embeddings", 2048),
+                head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
+                rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+                qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=family == "qwen3",
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
 
 
 def load_hf_llama(path, dtype=np.float32):
-    """(LlamaConfig, state dict in ``dtype``) from a Llama / Qwen2 / Qwen3 directory.
+    """(LlamaConfig settings, state dict in ``dtype``) from a Llama / Qwen2 / Qwen3 directory.
 
     HF's names lose their leading ``model.``; a tied checkpoint's lm_head.weight (if saved) and the
     rotary ``inv_freq`` buffers of old checkpoints are dropped (the embedding and the config say them).
     """
-    cfg = llama_config(read_hf_config(path), path)
+    cfg = llama_settings(read_hf_config(path), path)
     state = {}
     for name, arr in read_hf_weights(path, dtype).items():
-        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg["tie_word_embeddings"]):
             continue
         state[name.removeprefix("model.")] = arr
     return cfg, state

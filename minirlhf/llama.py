@@ -235,14 +235,15 @@ class Llama(nn.Module):
 
     def forward(self, ids, attention_mask=None, cache=None, return_values=False):
         h = self.hidden(ids, attention_mask, cache)
-        logits = F.linear(h, self.lm_head_weight)  # (B, T, V)
         if not return_values:
-            return logits
-        if self.value_head is None:
-            raise ValueError("Llama: return_values=True needs a value head; build the model with "
-                             "Llama(cfg, value_head=True)")
-        B, T, _ = h.shape
-        return logits, self.value_head(h).reshape(B, T)
+            return self.lm_logits(h)
+        return self.lm_logits(h), self.values(h)
+
+    def lm_logits(self, h):
+        """Next-token logits (..., V) from hidden states (..., C), through lm_head (the embedding when tied)."""
+        return F.linear(h, self.lm_head_weight)
+
+    values = GPT.values
 
     def new_cache(self):
         """An empty KV cache of the n_kv_head K/V heads, up to block_size positions."""
@@ -268,7 +269,8 @@ class Llama(nn.Module):
         :func:`minirlhf.hf.load_hf_llama`. Nothing is downloaded."""
         from .checkpoint import rng_state, set_rng_state
         from .hf import check_state, load_hf_llama
-        cfg, state = load_hf_llama(path, dtype)
+        settings, state = load_hf_llama(path, dtype)
+        cfg = LlamaConfig(**settings)
         before = rng_state()  # building the model draws an init that the stored weights replace
         model = cls(cfg)
         set_rng_state(before)

@@ -57,12 +57,15 @@ Conventions (shared by every function below):
   that is 1 on response tokens. Per-sequence quantities have shape (B,).
 * Masked-out positions never contribute: every per-token input is passed through
   ``where(mask, x, 0)`` first, so whatever sits under the mask (padding, NaN, 1e30)
-  changes neither a loss nor a gradient, and an all-masked row gives 0, never NaN.
+  changes neither a loss nor a gradient, and an all-masked row gives 0, never NaN; so does
+  a batch of no rows (B = 0) or no positions (T = 0), statistics included.
 * Only the policy's log-probs (and values, logits) carry gradient; old log-probs,
   reference log-probs, advantages, returns, rewards and KL anchors are detached here,
   so a caller cannot leak gradient into them by accident.
 * Diagnostics come back as 0-d arrays of the input's backend (``float(x)`` reads one);
-  nothing in the loss math calls ``.item()``, so a GPU step never waits on the host.
+  nothing in the loss math calls ``.item()``, so a GPU step never waits on the host (one
+  exception: grpo_advantages checks its rewards for NaN and inf, one sync per batch).
+* Settings (β, ε, clip ranges, weights) must be finite numbers: inf or NaN is refused by name.
 * Groups (GRPO, RLOO) are consecutive rows: ``rewards.reshape(B // G, G)``.
 """
 import math
@@ -158,8 +161,8 @@ def whiten(x, mask, eps=1e-8):
     """(x − μ) / (σ + eps) on masked-in entries, 0 elsewhere, with μ and σ over the masked-in
     entries only; σ is the unbiased (n − 1) standard deviation, as in TRL's ``masked_whiten``.
 
-    The one whitening of the project: PPO's advantages (Andrychowicz et al. 2021, §3.5) and
-    REINFORCE++'s batch normalisation of returns (Hu 2025). x and mask of the same shape;
+    The one whitening of the project: PPO's advantages (as OpenAI baselines' ppo2 and TRL
+    normalise them) and REINFORCE++'s batch normalisation of returns (Hu 2025). x and mask of the same shape;
     eps >= 0. A constant x (or a single masked-in entry) gives exactly 0. Returns a detached Tensor.
     """
     _check_nonnegative(eps, "eps")

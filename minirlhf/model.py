@@ -219,7 +219,7 @@ class GPT(nn.Module):
         noisy returns through the shared trunk drags the policy away from where it was.
         """
         if self.value_head is None:
-            raise ValueError("GPT: values need a value head; build the model with GPT(cfg, value_head=True)")
+            raise ValueError(f"{type(self).__name__}: V(s_t) needs a value head; build the model with value_head=True")
         B, T, _ = h.shape
         return self.value_head(h.detach()).reshape(B, T)
 
@@ -267,8 +267,8 @@ class GPT(nn.Module):
         """Load a Hugging Face ``GPT2LMHeadModel`` directory (config.json + safetensors); see
         :func:`minirlhf.hf.load_hf_gpt2`."""
         from .hf import check_state, load_hf_gpt2
-        cfg, state = load_hf_gpt2(path)
-        model = cls(cfg)
+        settings, state = load_hf_gpt2(path)
+        model = cls(GPTConfig(**settings))
         check_state(model, state, path)
         model.load_state_dict(state)
         return model

@@ -28,10 +28,10 @@ def hf_model(family, seed=0, **overrides):
     transformers = pytest.importorskip("transformers")
     name, settings = FAMILIES[family]
     torch.manual_seed(seed)
-    config = getattr(transformers, name)(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, bos_token_id=None,
-        eos_token_id=None, pad_token_id=None, **{**settings, **overrides})
+    config = getattr(transformers, name)(**{
+        **dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+               num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, bos_token_id=None,
+               eos_token_id=None, pad_token_id=None), **settings, **overrides})
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():

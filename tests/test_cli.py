@@ -235,3 +235,48 @@ def test_the_demo_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
     (tmp_path / "d" / "x").write_text("x")
     assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--no-progress"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+# ------------------------------------------------------- pretrained models and user tasks
+def test_every_stage_starts_from_a_pretrained_qwen2_folder_with_its_own_tokenizer(tmp_path, capsys):
+    """`minirlhf sft --model DIR` loads a Hugging Face Qwen2 directory (weights and tokenizer.json, nothing
+    downloaded); the later stages read the model and the tokenizer back from the sft folder."""
+    pytest.importorskip("transformers")
+    from hf_models import hf_model
+    from test_tokenizer_json import family
+    from minirlhf.tokenizer_json import HFTokenizer
+    model_dir = tmp_path / "qwen"
+    tokenizer = family("qwen2")
+    hf_model("qwen2", vocab_size=tokenizer.get_vocab_size()).save_pretrained(model_dir)
+    tokenizer.save(str(model_dir / "tokenizer.json"))
+    sft, grpo, rm, ppo = (str(tmp_path / n) for n in ("sft", "grpo", "rm", "ppo"))
+    small = ["--no-progress", "--steps", "2"]
+    assert main(["sft", "--model", str(model_dir), "--out", sft, "--batch-size", "4", "--n-train-prompts", "16",
+                 "--n-heldout", "4", "--eval-samples", "1", *small]) == 0
+    with open(os.path.join(sft, "model", "config.json")) as f:
+        assert json.load(f)["architecture"] == "Llama"
+    ours = HFTokenizer.load(os.path.join(sft, "tokenizer"))
+    assert ours.encode("What is 12+34?") == tokenizer.encode("What is 12+34?").ids
+    assert main(["grpo", "--sft", sft, "--out", grpo, "--prompts-per-step", "2", "--group-size", "2", *small]) == 0
+    assert main(["rm", "--sft", sft, "--out", rm, "--pair-prompts", "4", "--pair-heldout-prompts", "2",
+                 "--batch-size", "4", *small]) == 0
+    with open(os.path.join(rm, "model", "config.json")) as f:
+        assert json.load(f)["architecture"] == "LlamaRewardModel"
+    assert main(["ppo", "--sft", sft, "--rm", rm, "--out", ppo, "--prompts-per-step", "2", "--epochs", "1",
+                 "--minibatches", "1", *small]) == 0
+
+
+def test_a_task_comes_from_a_jsonl_file_of_questions_and_answers(tmp_path, capsys):
+    path = tmp_path / "task.jsonl"
+    rows = [{"question": f"What is {a} times {b}?", "answer": a * b} for a in range(2, 8) for b in range(2, 8)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    sft, grpo = str(tmp_path / "sft"), str(tmp_path / "grpo")
+    assert main(["sft", "--task-file", str(path), "--n-heldout", "6", "--out", sft, "--steps", "2",
+                 "--batch-size", "8", "--no-progress"]) == 0
+    assert main(["grpo", "--sft", sft, "--out", grpo, "--steps", "1", "--prompts-per-step", "2", "--group-size", "2",
+                 "--no-progress"]) == 0
+    with open(os.path.join(grpo, "run.json")) as f:
+        assert json.load(f)["settings"]["GRPOConfig"]["max_new_tokens"] == 2 + 2
+    path.write_text('{"question": "What is 2 times 3?", "answer": "six"}\n')
+    assert main(["sft", "--task-file", str(path), "--out", str(tmp_path / "bad"), "--steps", "1"]) == 2
+    assert "line 1" in capsys.readouterr().err

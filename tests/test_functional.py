@@ -820,6 +820,14 @@ def test_normalising_over_an_empty_axis_is_an_error_that_names_the_op(name, call
         call(Tensor(np.ones((2, 0))))
 
 
+def test_attention_over_no_keys_is_an_error_that_names_the_op():
+    q = Tensor(np.ones((2, 3, 4)))
+    empty = Tensor(np.ones((2, 0, 4)))
+    with pytest.raises(ValueError, match=r"scaled_dot_product_attention: k \(2, 0, 4\) and v \(2, 0, 4\) hold no "
+                                         r"positions \(S = 0\)"):
+        F.scaled_dot_product_attention(q, empty, empty)
+
+
 def log1mexp_reference(x):
     """log(1 − e^x) in 50-digit decimal arithmetic."""
     getcontext().prec = 50

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from minirlhf import hf, no_grad
+from minirlhf.pretrained import from_pretrained
 from minirlhf.llama import Llama
 from minirlhf.model import GPT
 from hf_models import VOCAB, hf_model, saved
@@ -160,16 +161,16 @@ def test_from_pretrained_picks_the_model_of_the_architecture(tmp_path, rng):
                                                                 n_positions=16))
     gpt2.save_pretrained(tmp_path / "gpt2")
     qwen, _ = saved("qwen2", tmp_path / "qwen2")
-    assert type(hf.from_pretrained(tmp_path / "gpt2")) is GPT
-    model = hf.from_pretrained(tmp_path / "qwen2", dtype=np.float64)
+    assert type(from_pretrained(tmp_path / "gpt2")) is GPT
+    model = from_pretrained(tmp_path / "qwen2", dtype=np.float64)
     assert type(model) is Llama and model.embed_tokens.weight.dtype == np.float64
     ids = rng.integers(0, VOCAB, (1, 6))
     with torch.no_grad(), no_grad():
         np.testing.assert_allclose(model(ids).data, qwen.double()(torch.from_numpy(ids)).logits.numpy(), atol=2e-5)
     with pytest.raises(ValueError, match="dtype must be float32 or float64, got float16"):
-        hf.from_pretrained(tmp_path / "qwen2", dtype=np.float16)
+        from_pretrained(tmp_path / "qwen2", dtype=np.float16)
 
 
 def test_a_directory_without_config_json_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="has no config.json"):
-        hf.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)

@@ -7,7 +7,8 @@ linear + log-prob op; the CUDA sources compile to sm_90 cubins without spills (w
 exists). The kernel tests (the ``cp`` fixture) run the .cu sources on the GPU where cupy sees
 one, and everywhere through the CPU execution harness (tests/cuda_cpu): against naive CuPy and
 the references, including T = 1, T not a multiple of the tile, padding masks, scores and logits
-of ±1e4, NaN and 1e30 logits, grouped-query heads, and the gradients.
+of ±1e4, NaN and 1e30 logits, grouped-query heads, and the gradients; the attention cases for
+the SIMT kernels and for the 3xTF32 tensor-core kernels.
 """
 import math
 import os
@@ -421,11 +422,16 @@ def reference_attention(q, k, v, km, causal, c):
     return out, lse, reference.attention_backward(q, k, v, out, lse, c, km, causal)
 
 
-def fused_attention(cp, q, k, v, km, causal, c):
+def fused_attention(cp, q, k, v, km, causal, c, tensor_cores):
     km = None if km is None else cp.asarray(km)
-    out, lse = attention.forward(cp.asarray(q), cp.asarray(k), cp.asarray(v), km, causal)
-    grads = attention.backward(cp.asarray(q), cp.asarray(k), cp.asarray(v), out, lse, cp.asarray(c), km, causal)
+    out, lse = attention.forward(cp.asarray(q), cp.asarray(k), cp.asarray(v), km, causal, tensor_cores=tensor_cores)
+    grads = attention.backward(cp.asarray(q), cp.asarray(k), cp.asarray(v), out, lse, cp.asarray(c), km, causal,
+                               tensor_cores=tensor_cores)
     return out, lse, grads
+
+
+# the SIMT kernels, and the 3xTF32 tensor-core kernels (mma.sync), at the same fp32 tolerances
+tensor_cores = pytest.mark.parametrize("tensor_cores", [False, True], ids=["simt", "tf32x3"])
 
 
 def assert_lse_close(lse, ref_lse):
@@ -446,14 +452,15 @@ GPU_ATTENTION_CASES = [
 ]
 
 
+@tensor_cores
 @pytest.mark.parametrize("B, H, T, S, d, causal, pad, big", GPU_ATTENTION_CASES)
-def test_fused_attention_matches_naive_cupy_and_the_reference(cp, B, H, T, S, d, causal, pad, big):
+def test_fused_attention_matches_naive_cupy_and_the_reference(cp, tensor_cores, B, H, T, S, d, causal, pad, big):
     rng = np.random.default_rng(T + 7 * S + d)
     q, k, v, mask = attention_inputs(rng, B, H, T, S, d, pad, big, dtype=np.float32)
     c = rng.standard_normal((B, H, T, d)).astype(np.float32)
     naive_out, naive_grads = naive_cupy_attention(cp, q, k, v, mask, causal, c)
     km = key_mask(mask)
-    out, lse, grads = fused_attention(cp, q, k, v, km, causal, c)
+    out, lse, grads = fused_attention(cp, q, k, v, km, causal, c, tensor_cores)
     ref_out, ref_lse, ref_grads = reference_attention(q, k, v, km, causal, c)
     assert_close(out.get(), naive_out, 1e-4, 1e-5, "out vs naive CuPy")
     assert_close(out.get(), ref_out, 1e-4, 1e-5, "out vs reference")
@@ -471,15 +478,16 @@ GPU_GQA_CASES = [(2, 4, 2, 70, 70, 64, True, True), (1, 6, 2, 65, 130, 32, True,
                  (1, 3, 1, 40, 40, 128, False, True)]
 
 
+@tensor_cores
 @pytest.mark.parametrize("B, Hq, Hkv, T, S, d, causal, pad", GPU_GQA_CASES)
-def test_fused_grouped_query_attention_matches_the_reference(cp, B, Hq, Hkv, T, S, d, causal, pad):
+def test_fused_grouped_query_attention_matches_the_reference(cp, tensor_cores, B, Hq, Hkv, T, S, d, causal, pad):
     rng = np.random.default_rng(Hq + T + S)
     q, _, _, mask = attention_inputs(rng, B, Hq, T, S, d, pad, dtype=np.float32)
     _, k, v, _ = attention_inputs(rng, B, Hkv, T, S, d, dtype=np.float32)
     c = rng.standard_normal(q.shape).astype(np.float32)
     km = key_mask(mask)
     assert attention.supported(cp.asarray(q), cp.asarray(k), cp.asarray(v), None if mask is None else cp.asarray(mask))
-    out, lse, grads = fused_attention(cp, q, k, v, km, causal, c)
+    out, lse, grads = fused_attention(cp, q, k, v, km, causal, c, tensor_cores)
     ref_out, ref_lse, ref_grads = reference_attention(q, k, v, km, causal, c)
     assert_close(out.get(), ref_out, 1e-4, 1e-5, "out vs reference")
     assert_lse_close(lse.get(), ref_lse)
@@ -488,21 +496,22 @@ def test_fused_grouped_query_attention_matches_the_reference(cp, B, Hq, Hkv, T, 
         assert_close(g.get(), r, 1e-4, 1e-4, f"{name} vs reference")
 
 
-def test_fused_attention_never_reads_tiles_above_the_causal_diagonal(cp):
+@tensor_cores
+def test_fused_attention_never_reads_tiles_above_the_causal_diagonal(cp, tensor_cores):
     rng = np.random.default_rng(5)
     q, k, v, _ = attention_inputs(rng, 1, 2, 192, 192, 64, dtype=np.float32)
     k[..., 64:, :] = np.nan
     v[..., 64:, :] = np.nan
-    out, lse = attention.forward(cp.asarray(q), cp.asarray(k), cp.asarray(v), None, True)
+    out, lse = attention.forward(cp.asarray(q), cp.asarray(k), cp.asarray(v), None, True, tensor_cores=tensor_cores)
     assert np.isfinite(out.get()[..., :64, :]).all() and np.isfinite(lse.get()[..., :64]).all()
     assert np.isnan(out.get()[..., 64:, :]).all()
     q, k, v, _ = attention_inputs(rng, 1, 2, 192, 192, 64, dtype=np.float32)
-    out, lse = attention.forward(cp.asarray(q), cp.asarray(k), cp.asarray(v), None, True)
+    out, lse = attention.forward(cp.asarray(q), cp.asarray(k), cp.asarray(v), None, True, tensor_cores=tensor_cores)
     dout = rng.standard_normal(out.shape).astype(np.float32)
     q[..., :64, :] = np.nan
     dout[..., :64, :] = np.nan
     _, dk, dv = attention.backward(cp.asarray(q), cp.asarray(k), cp.asarray(v), out, lse, cp.asarray(dout), None,
-                                   True)
+                                   True, tensor_cores=tensor_cores)
     assert np.isfinite(dk.get()[..., 64:, :]).all() and np.isfinite(dv.get()[..., 64:, :]).all()
 
 

@@ -95,3 +95,17 @@ def test_rows_and_responses_keep_what_each_row_answers():
     assert part.lengths().tolist() == [2, 1]
     with pytest.raises(ValueError, match="one each"):
         from_responses(PROMPTS, RESPONSES[:2], PAD)
+
+
+def test_rollout_logprobs_use_the_models_own_lm_head_on_an_untied_llama():
+    """A Llama with an untied LM head: the trainer's log-probs must come through lm_head, not the embedding,
+    and equal what the sampler drew from."""
+    from minirlhf.llama import Llama, LlamaConfig
+    minirlhf.manual_seed(0)
+    model = Llama(LlamaConfig(n_layer=1, n_head=2, n_kv_head=1, n_embd=16, intermediate_size=32, vocab_size=12,
+                              block_size=16, tie_word_embeddings=False))
+    assert model.lm_head is not None
+    batch = sample(model, PROMPTS, np.arange(len(PROMPTS)), 2, 0.8, 5, EOS, PAD, seed=4)
+    with no_grad():
+        logp = response_logprobs(model, batch).data
+    np.testing.assert_allclose(logp, batch.logprobs * batch.mask, atol=1e-5)

@@ -6,7 +6,8 @@ memory-bound when written with whole-array ops:
 * attention (``attention.cu``, ``attention.py``): FlashAttention-2 forward and backward.
   softmax(q kᵀ) v is computed tile by tile with an online softmax, so the T×S matrix of scores
   is never stored; only the row log-sum-exp is kept for the backward, which recomputes the
-  probabilities tile by tile.
+  probabilities tile by tile. Grouped-query heads are read by index; a second set of kernels
+  does the same on tensor cores (3xTF32 mma.sync).
 * token log-probs (``logprobs.cu``, ``logprobs.py``): log softmax(logits)[target] with a
   streaming log-sum-exp that reads each logit once, and its one-pass backward
   g · (onehot − softmax). ``linear_logprobs_*`` chains it with the LM-head matrix product, a
@@ -14,8 +15,9 @@ memory-bound when written with whole-array ops:
 
 ``reference.py`` runs the same algorithms (same tiles, same recurrences) in NumPy: it is what
 the CPU test suite checks against the plain formulas, and what the GPU tests check the kernels
-against. ``minirlhf.functional`` dispatches to the kernels when its inputs are CuPy arrays and
-the case is supported; the NumPy path stays the reference.
+against. The .cu sources also run without a GPU, thread by thread, in the CPU execution
+harness of ``tests/cuda_cpu``. ``minirlhf.functional`` dispatches to the kernels when its inputs
+are CuPy arrays and the case is supported; the NumPy path stays the reference.
 
 CuPy is imported only when a kernel is first launched, never when this package is imported.
 """

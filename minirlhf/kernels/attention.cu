@@ -83,6 +83,28 @@ __device__ __forceinline__ void cp_async_wait_group() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
 #endif
 }
+
+// cvt.rna.tf32.f32: x rounded (to nearest, ties away from zero) to TF32's 10 mantissa bits.
+__device__ __forceinline__ unsigned tf32_round(float x) {
+    unsigned r = __float_as_uint(x);
+#if __CUDA_ARCH__ >= 800
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+#endif
+    return r;
+}
+
+// mma.sync.m16n8k8 with TF32 inputs and fp32 accumulation (sm_80+), d += A B: a warp-wide
+// instruction over the fragments described at "tensor cores" below.
+__device__ __forceinline__ void mma_tf32_m16n8k8(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+#if __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    __trap();  // the launcher uses the tensor-core kernels on sm_80 or newer only
+#endif
+}
 #endif
 
 // ------------------------------------------------------------------ copies
@@ -160,6 +182,16 @@ __device__ __forceinline__ void atomic_add_columns(float* row, int tx, const flo
         for (int u = 0; u < C::VEC; ++u) atomicAdd(at + u, xg[u] * factor);
 #endif
     }
+}
+
+// at[0] += x, at[1] += y atomically (one float2 atomic on sm_90).
+__device__ __forceinline__ void atomic_add2(float* at, float x, float y) {
+#if defined(CUDA_CPU_HARNESS) || __CUDA_ARCH__ >= 900
+    atomicAdd(reinterpret_cast<float2*>(at), make_float2(x, y));
+#else
+    atomicAdd(at, x);
+    atomicAdd(at + 1, y);
+#endif
 }
 
 __device__ __forceinline__ float component(const float4& v, int u) {
@@ -539,6 +571,381 @@ __device__ __forceinline__ void attention_backward_block(const float* __restrict
     }
 }
 
+// ------------------------------------------------------------ tensor cores
+// The same two passes with every matrix product on tensor cores: mma.sync.m16n8k8 with TF32
+// inputs (sm_80+), one warp computing a 16 × 8 tile of D += A B per instruction, A (16 × 8) and
+// B (8 × 8) in registers spread over its 32 lanes. Lane l holds (g = l / 4, c = l % 4):
+//   A: a0 = A[g][c], a1 = A[g + 8][c], a2 = A[g][c + 4], a3 = A[g + 8][c + 4]
+//   B: b0 = B[c][g], b1 = B[c + 4][g]
+//   D: d0 = D[g][2c], d1 = D[g][2c + 1], d2 = D[g + 8][2c], d3 = D[g + 8][2c + 1]
+// TF32 keeps 10 of fp32's 23 mantissa bits. 3xTF32 (as PyTorch's fp32 SDPA on tensor cores):
+// x = big + small with big = tf32(x), small = tf32(x − big), and A B ≈ big·big + big·small +
+// small·big; the dropped small·small term is below fp32 rounding. Operands are read from the same
+// shared-memory tiles as the SIMT kernels above, so the copies, barriers and online softmax are
+// theirs; only who computes which score changes.
+struct Tf32x2 {  // x = big + small, both TF32 bit patterns
+    unsigned big, small;
+};
+
+__device__ __forceinline__ Tf32x2 split_tf32(float x) {
+    const unsigned big = tf32_round(x);
+    return {big, tf32_round(x - __uint_as_float(big))};
+}
+
+// d += A B in 3xTF32, from the split fragments of A (4 per lane) and B (2 per lane).
+__device__ __forceinline__ void mma_3xtf32(float (&d)[4], const Tf32x2 (&a)[4], const Tf32x2 (&b)[2]) {
+    const unsigned a_big[4] = {a[0].big, a[1].big, a[2].big, a[3].big};
+    const unsigned a_small[4] = {a[0].small, a[1].small, a[2].small, a[3].small};
+    const unsigned b_big[2] = {b[0].big, b[1].big}, b_small[2] = {b[0].small, b[1].small};
+    mma_tf32_m16n8k8(d, a_small, b_big);  // the small terms first: they are added at their own scale
+    mma_tf32_m16n8k8(d, a_big, b_small);
+    mma_tf32_m16n8k8(d, a_big, b_big);
+}
+
+// The A fragment of the 16 × 8 block at (row0, k0) of a row-major shared tile with row stride ld,
+// or of its transpose (A[i][k] = tile[k][i]) when TRANSPOSED.
+template <bool TRANSPOSED>
+__device__ __forceinline__ void load_a(Tf32x2 (&a)[4], const float* tile, int ld, int row0, int k0, int g, int c) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const int i = row0 + g + 8 * (r % 2), k = k0 + c + 4 * (r / 2);
+        a[r] = split_tf32(TRANSPOSED ? tile[k * ld + i] : tile[i * ld + k]);
+    }
+}
+
+// The B fragment of the 8 × 8 block at (k0, n0) of B, where B[k][n] = tile[n][k] (K_TIMES_N false:
+// a tile whose rows are B's columns, as K for S = Q Kᵀ) or tile[k][n] (K_TIMES_N true, as V for P V).
+template <bool K_TIMES_N>
+__device__ __forceinline__ void load_b(Tf32x2 (&b)[2], const float* tile, int ld, int k0, int n0, int g, int c) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int k = k0 + c + 4 * r, n = n0 + g;
+        b[r] = split_tf32(K_TIMES_N ? tile[k * ld + n] : tile[n * ld + k]);
+    }
+}
+
+// Forward: warp w owns query rows 16w .. 16w + 15 of the tile; lane (g, c) holds, of each row g and
+// g + 8, the scores of keys 8j + 2c, 8j + 2c + 1 (j < 8) and the output columns 8n + 2c, 8n + 2c + 1.
+template <int D>
+__device__ __forceinline__ void attention_forward_tc_block(const float* __restrict__ q, const float* __restrict__ k,
+                                                           const float* __restrict__ v,
+                                                           const unsigned char* __restrict__ key_mask,
+                                                           float* __restrict__ out, float* __restrict__ lse, int T,
+                                                           int S, float scale, int causal) {
+    constexpr int LD = D + PAD;
+    constexpr int NT = BLOCK_N / 8;  // 8-key column tiles of S
+    constexpr int NO = D / 8;        // 8-column tiles of the output
+    extern __shared__ __align__(16) float smem[];
+    float* Qs = smem;               // (BLOCK_M, LD)
+    float* Ks = Qs + BLOCK_M * LD;  // (BLOCK_N, LD)
+    float* Vs = Ks + BLOCK_N * LD;  // (BLOCK_N, LD)
+    float* Ps = Vs + BLOCK_N * LD;  // (BLOCK_M, P_LD)
+
+    const int kv_bh = blockIdx.z;
+    const int bh = kv_bh * gridDim.y + blockIdx.y;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BLOCK_M;
+    const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, c = threadIdx.x % 4;
+    const int row0 = 16 * warp;  // this warp's first row in the tile
+    const int offset = S - T;
+    const float* qb = q + (size_t)bh * T * D;
+    const float* kb = k + (size_t)kv_bh * S * D;
+    const float* vb = v + (size_t)kv_bh * S * D;
+    const unsigned char* mb = key_mask ? key_mask + (size_t)bh * S : nullptr;
+
+    int n_keys = S;
+    if (causal) n_keys = min(S, max(0, min(q0 + BLOCK_M, T) + offset));
+    const int n_tiles = (n_keys + BLOCK_N - 1) / BLOCK_N;
+
+    if (n_tiles > 0) load_tile_async<D, BLOCK_M, FWD_THREADS>(Qs, qb, q0, T);
+    cp_async_commit_group();
+    if (n_tiles > 0) load_tile_async<D, BLOCK_N, FWD_THREADS>(Ks, kb, 0, S);
+    cp_async_commit_group();
+    if (n_tiles > 0) load_tile_async<D, BLOCK_N, FWD_THREADS>(Vs, vb, 0, S);
+    cp_async_commit_group();
+
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f}, acc[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; ++n)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[n][r] = 0.f;
+
+    for (int t = 0; t < n_tiles; ++t) {
+        const int k0 = t * BLOCK_N;
+        cp_async_wait_group<1>();  // Q and K_t have landed (V_t may still be in flight)
+        __syncthreads();
+
+        float s[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) s[j][r] = 0.f;
+#pragma unroll 2
+        for (int kk = 0; kk < D; kk += 8) {
+            Tf32x2 a[4];
+            load_a<false>(a, Qs, LD, row0, kk, g, c);
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                Tf32x2 b[2];
+                load_b<false>(b, Ks, LD, kk, 8 * j, g, c);
+                mma_3xtf32(s[j], a, b);
+            }
+        }
+        __syncthreads();  // every warp is done with Ks
+        if (t + 1 < n_tiles) load_tile_async<D, BLOCK_N, FWD_THREADS>(Ks, kb, k0 + BLOCK_N, S);
+        cp_async_commit_group();
+
+        // online softmax of rows g (h = 0) and g + 8 (h = 1); the 4 lanes of a row hold 16 scores each
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = q0 + row0 + g + 8 * h;
+            float tile_max = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float& x = s[j][2 * h + e];
+                    x = may_attend(row, k0 + 8 * j + 2 * c + e, S, offset, causal, mb) ? __fmul_rn(x, scale) : NEG_INF;
+                    tile_max = fmaxf(tile_max, x);
+                }
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+            const float m_new = fmaxf(m[h], tile_max);
+            const float m_use = m_new == NEG_INF ? 0.f : m_new;
+            const float alpha = exp2f((m[h] - m_use) * LOG2E);
+            m[h] = m_new;
+            l[h] *= alpha;
+#pragma unroll
+            for (int n = 0; n < NO; ++n) {
+                acc[n][2 * h] *= alpha;
+                acc[n][2 * h + 1] *= alpha;
+            }
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float p = exp2f((s[j][2 * h + e] - m_use) * LOG2E);
+                    l[h] += p;
+                    Ps[(row0 + g + 8 * h) * P_LD + 8 * j + 2 * c + e] = p;
+                }
+        }
+        cp_async_wait_group<1>();  // V_t has landed (K_{t+1} may still be in flight)
+        __syncthreads();           // ... and P is in shared memory
+
+#pragma unroll 2
+        for (int kk = 0; kk < BLOCK_N; kk += 8) {
+            Tf32x2 a[4];
+            load_a<false>(a, Ps, P_LD, row0, kk, g, c);
+#pragma unroll
+            for (int n = 0; n < NO; ++n) {
+                Tf32x2 b[2];
+                load_b<true>(b, Vs, LD, kk, 8 * n, g, c);
+                mma_3xtf32(acc[n], a, b);
+            }
+        }
+        __syncthreads();  // every warp is done with Vs and Ps
+        if (t + 1 < n_tiles) load_tile_async<D, BLOCK_N, FWD_THREADS>(Vs, vb, k0 + BLOCK_N, S);
+        cp_async_commit_group();
+    }
+
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float l_row = l[h] + __shfl_xor_sync(0xffffffffu, l[h], 1);
+        l_row += __shfl_xor_sync(0xffffffffu, l_row, 2);
+        const int row = q0 + row0 + g + 8 * h;
+        if (row < T) {
+            const size_t at = (size_t)bh * T + row;
+            const float factor = l_row > 0.f ? 1.f / l_row : 0.f;
+#pragma unroll
+            for (int n = 0; n < NO; ++n)
+                *reinterpret_cast<float2*>(out + at * D + 8 * n + 2 * c) =
+                    make_float2(acc[n][2 * h] * factor, acc[n][2 * h + 1] * factor);
+            if (c == 0) lse[at] = l_row > 0.f ? m[h] + logf(l_row) : NEG_INF;
+        }
+    }
+}
+
+// Backward: 8 warps. For S, dP and dQ, warp w owns query rows 16 (w % 4) .. + 15 of the tile, and
+// keys 32 (w / 4) .. + 31 (S, dP) or columns (D / 2)(w / 4) .. of dQ; for dK, dV it owns keys
+// 16 (w % 4) .. + 15 and columns (D / 2)(w / 4) ..: the products over queries read P and dS transposed.
+template <int D>
+__device__ __forceinline__ void attention_backward_tc_block(const float* __restrict__ q,
+                                                            const float* __restrict__ k,
+                                                            const float* __restrict__ v,
+                                                            const unsigned char* __restrict__ key_mask,
+                                                            const float* __restrict__ lse,
+                                                            const float* __restrict__ delta,
+                                                            const float* __restrict__ dout, float* __restrict__ dq,
+                                                            float* __restrict__ dk, float* __restrict__ dv, int T,
+                                                            int S, int group, float scale, int causal) {
+    constexpr int LD = D + PAD;
+    constexpr int NT = BLOCK_N / 2 / 8;  // 8-key column tiles of S per warp
+    constexpr int NO = D / 2 / 8;        // 8-column tiles of dQ, dK, dV per warp
+    constexpr int STAGES = BackwardStages<D>::N;
+    extern __shared__ __align__(16) float smem[];
+    float* Ks = smem;
+    float* Vs = Ks + BLOCK_N * LD;
+    float* Q_stages = Vs + BLOCK_N * LD;
+    float* dO_stages = Q_stages + STAGES * BLOCK_M * LD;
+    float* Ps = dO_stages + STAGES * BLOCK_M * LD;
+    float* dSs = Ps + BLOCK_M * P_LD;
+
+    const int kv_bh = blockIdx.y;
+    const int k0 = blockIdx.x * BLOCK_N;
+    const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, c = threadIdx.x % 4;
+    const int row0 = 16 * (warp % 4);        // query rows (S, dP, dQ) or keys (dK, dV) of this warp
+    const int key0 = (BLOCK_N / 2) * (warp / 4);
+    const int col0 = (D / 2) * (warp / 4);
+    const int offset = S - T;
+    const float* kb = k + (size_t)kv_bh * S * D;
+    const float* vb = v + (size_t)kv_bh * S * D;
+
+    const int first_query = causal ? max(0, k0 - offset) : 0;
+    const int first_tile = first_query / BLOCK_M;
+    const int tiles_per_head = first_query < T ? (T + BLOCK_M - 1) / BLOCK_M - first_tile : 0;
+    const int n_steps = group * tiles_per_head;
+    auto head_of = [&](int step) { return kv_bh * group + step / tiles_per_head; };
+    auto tile_of = [&](int step) { return first_tile + step % tiles_per_head; };
+    auto load_query_tile = [&](int step, int stage) {
+        const size_t at = (size_t)head_of(step) * T * D;
+        load_tile_async<D, BLOCK_M, BWD_THREADS>(Q_stages + stage * BLOCK_M * LD, q + at, tile_of(step) * BLOCK_M, T);
+        load_tile_async<D, BLOCK_M, BWD_THREADS>(dO_stages + stage * BLOCK_M * LD, dout + at, tile_of(step) * BLOCK_M,
+                                                 T);
+    };
+
+    if (n_steps > 0) {
+        load_tile_async<D, BLOCK_N, BWD_THREADS>(Ks, kb, k0, S);
+        load_tile_async<D, BLOCK_N, BWD_THREADS>(Vs, vb, k0, S);
+    }
+    cp_async_commit_group();
+    if (STAGES == 2 && n_steps > 0) load_query_tile(0, 0);
+    cp_async_commit_group();
+
+    float dk_acc[NO][4], dv_acc[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; ++n)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) dk_acc[n][r] = dv_acc[n][r] = 0.f;
+
+    for (int step = 0; step < n_steps; ++step) {
+        const int bh = head_of(step);
+        const int q0 = tile_of(step) * BLOCK_M;
+        const unsigned char* mb = key_mask ? key_mask + (size_t)bh * S : nullptr;
+        const int stage = STAGES == 2 ? step & 1 : 0;
+        const float* Qs = Q_stages + stage * BLOCK_M * LD;
+        const float* dOs = dO_stages + stage * BLOCK_M * LD;
+        if constexpr (STAGES == 2) {
+            if (step + 1 < n_steps) load_query_tile(step + 1, stage ^ 1);
+            cp_async_commit_group();
+            cp_async_wait_group<1>();
+        } else {
+            load_query_tile(step, 0);
+            cp_async_commit_group();
+            cp_async_wait_group<0>();
+        }
+        float row_lse[2], row_delta[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = q0 + row0 + g + 8 * h;
+            const float l = row < T ? lse[(size_t)bh * T + row] : NEG_INF;
+            row_lse[h] = l == NEG_INF ? POS_INF : l;
+            row_delta[h] = row < T ? delta[(size_t)bh * T + row] : 0.f;
+        }
+        __syncthreads();
+
+        // S = Q Kᵀ and dP = dO Vᵀ for this warp's 16 queries × 32 keys
+        float s[NT][4], dp[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) s[j][r] = dp[j][r] = 0.f;
+#pragma unroll 2
+        for (int kk = 0; kk < D; kk += 8) {
+            Tf32x2 aq[4], ag[4];
+            load_a<false>(aq, Qs, LD, row0, kk, g, c);
+            load_a<false>(ag, dOs, LD, row0, kk, g, c);
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                Tf32x2 bk[2], bv[2];
+                load_b<false>(bk, Ks, LD, kk, key0 + 8 * j, g, c);
+                load_b<false>(bv, Vs, LD, kk, key0 + 8 * j, g, c);
+                mma_3xtf32(s[j], aq, bk);
+                mma_3xtf32(dp[j], ag, bv);
+            }
+        }
+        // P = exp(S·scale − lse) and dS = P ∘ (dP − delta), into shared memory
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int h = r / 2, i = row0 + g + 8 * h, col = key0 + 8 * j + 2 * c + r % 2;
+                const float p = may_attend(q0 + i, k0 + col, S, offset, causal, mb)
+                                    ? exp2f((__fmul_rn(s[j][r], scale) - row_lse[h]) * LOG2E) : 0.f;
+                Ps[i * P_LD + col] = p;
+                dSs[i * P_LD + col] = p * (dp[j][r] - row_delta[h]);
+            }
+        __syncthreads();
+
+        // dV += Pᵀ dO and dK += dSᵀ Q for keys row0 .. row0 + 15, columns col0 .. col0 + D/2 − 1
+#pragma unroll 2
+        for (int kk = 0; kk < BLOCK_M; kk += 8) {
+            Tf32x2 ap[4], ads[4];
+            load_a<true>(ap, Ps, P_LD, row0, kk, g, c);
+            load_a<true>(ads, dSs, P_LD, row0, kk, g, c);
+#pragma unroll
+            for (int n = 0; n < NO; ++n) {
+                Tf32x2 bg[2], bq[2];
+                load_b<true>(bg, dOs, LD, kk, col0 + 8 * n, g, c);
+                load_b<true>(bq, Qs, LD, kk, col0 + 8 * n, g, c);
+                mma_3xtf32(dv_acc[n], ap, bg);
+                mma_3xtf32(dk_acc[n], ads, bq);
+            }
+        }
+
+        // dQ += dS K for queries row0 .. row0 + 15, columns col0 .., added atomically
+        float dq_acc[NO][4];
+#pragma unroll
+        for (int n = 0; n < NO; ++n)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) dq_acc[n][r] = 0.f;
+#pragma unroll 2
+        for (int kk = 0; kk < BLOCK_N; kk += 8) {
+            Tf32x2 ads[4];
+            load_a<false>(ads, dSs, P_LD, row0, kk, g, c);
+#pragma unroll
+            for (int n = 0; n < NO; ++n) {
+                Tf32x2 bk[2];
+                load_b<true>(bk, Ks, LD, kk, col0 + 8 * n, g, c);
+                mma_3xtf32(dq_acc[n], ads, bk);
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = q0 + row0 + g + 8 * h;
+            if (row < T) {
+                float* dq_row = dq + ((size_t)bh * T + row) * D + col0 + 2 * c;
+#pragma unroll
+                for (int n = 0; n < NO; ++n)
+                    atomic_add2(dq_row + 8 * n, dq_acc[n][2 * h] * scale, dq_acc[n][2 * h + 1] * scale);
+            }
+        }
+        __syncthreads();  // before the next tile's copies and P, dS overwrite these buffers
+    }
+
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int key = k0 + row0 + g + 8 * h;
+        if (key < S) {
+            const size_t at = ((size_t)kv_bh * S + key) * D + col0 + 2 * c;
+#pragma unroll
+            for (int n = 0; n < NO; ++n) {
+                *reinterpret_cast<float2*>(dv + at + 8 * n) = make_float2(dv_acc[n][2 * h], dv_acc[n][2 * h + 1]);
+                *reinterpret_cast<float2*>(dk + at + 8 * n) =
+                    make_float2(dk_acc[n][2 * h] * scale, dk_acc[n][2 * h + 1] * scale);
+            }
+        }
+    }
+}
+
 // --------------------------------------------------------- entry points
 // Grid: forward (ceil(T / BLOCK_M), group, BHkv) × FWD_THREADS, backward (ceil(S / BLOCK_N), BHkv) × BWD_THREADS;
 // dynamic shared memory as computed by minirlhf/kernels/attention.py.
@@ -556,6 +963,22 @@ __device__ __forceinline__ void attention_backward_block(const float* __restrict
                             float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv, int T, int S, \
                             int group, float scale, int causal) {                                                 \
         attention_backward_block<D>(q, k, v, key_mask, lse, delta, dout, dq, dk, dv, T, S, group, scale, causal); \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(FWD_THREADS)                                                     \
+    attention_forward_tc_d##D(const float* __restrict__ q, const float* __restrict__ k,                           \
+                              const float* __restrict__ v, const unsigned char* __restrict__ key_mask,            \
+                              float* __restrict__ out, float* __restrict__ lse, int T, int S, float scale,        \
+                              int causal) {                                                                       \
+        attention_forward_tc_block<D>(q, k, v, key_mask, out, lse, T, S, scale, causal);                          \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(BWD_THREADS)                                                     \
+    attention_backward_tc_d##D(const float* __restrict__ q, const float* __restrict__ k,                          \
+                               const float* __restrict__ v, const unsigned char* __restrict__ key_mask,           \
+                               const float* __restrict__ lse, const float* __restrict__ delta,                    \
+                               const float* __restrict__ dout, float* __restrict__ dq, float* __restrict__ dk,    \
+                               float* __restrict__ dv, int T, int S, int group, float scale, int causal) {        \
+        attention_backward_tc_block<D>(q, k, v, key_mask, lse, delta, dout, dq, dk, dv, T, S, group, scale,       \
+                                       causal);                                                                   \
     }
 
 ATTENTION_ENTRY_POINTS(32)

@@ -25,6 +25,12 @@ path's two small matrix products are the better kernel there); no mask, ``is_cau
 bottom-right), and/or a boolean key-padding mask that is the same for every query (shape
 (..., 1, S) or (S,), True = may attend) and broadcasts to q's batch axes without adding any.
 Rows that may attend nothing give zeros.
+
+Tensor cores (``tensor_cores=True``, sm_80+): the same passes with every matrix product on
+mma.sync.m16n8k8 TF32 tensor-core instructions, each product split in three (3xTF32: x = big +
+small, A B ≈ big·big + big·small + small·big) for fp32-level accuracy, as PyTorch's fp32 SDPA.
+They are tested through the CPU execution harness (which models the instruction's fragment layout)
+against the references at the fp32 tolerances; they become the default once measured faster on a GPU.
 The NumPy twin of both passes is ``reference.attention_forward`` / ``attention_backward``.
 """
 import functools
@@ -44,6 +50,7 @@ BWD_THREADS = 256
 DELTA_THREADS = 256
 HEAD_DIMS = (32, 64, 128)
 MIN_QUERY_ROWS = 16  # fewer query rows (decoding) take the plain path
+TENSOR_CORES = False  # the 3xTF32 mma.sync kernels by default? Not until a GPU has timed them against these
 _NULL = np.uint64(0)  # a null pointer argument (no key mask)
 _MAX_GRID_YZ = 65535
 
@@ -143,9 +150,13 @@ def _key_mask_rows(cp, key_mask, batch, S):
     return cp.ascontiguousarray(km.reshape(-1, S).astype(cp.uint8))
 
 
-def forward(q, k, v, key_mask=None, is_causal=False, scale=None):
+def _kernel_name(pass_name, d, tensor_cores):
+    return f"attention_{pass_name}{'_tc' if tensor_cores else ''}_d{d}"
+
+
+def forward(q, k, v, key_mask=None, is_causal=False, scale=None, tensor_cores=TENSOR_CORES):
     """out (..., Hq, T, d) and lse (..., Hq, T) of the fused forward; k, v (..., Hkv, S, d) with Hkv
-    dividing Hq; ``key_mask`` broadcastable to (..., Hq, S)."""
+    dividing Hq; ``key_mask`` broadcastable to (..., Hq, S). ``tensor_cores``: the 3xTF32 kernels (sm_80+)."""
     import cupy as cp
     batch, (T, d), S = q.shape[:-2], q.shape[-2:], k.shape[-2]
     bh, group = math.prod(batch), heads_group(q, k)
@@ -154,7 +165,7 @@ def forward(q, k, v, key_mask=None, is_causal=False, scale=None):
     out = cp.empty((bh, T, d), dtype=cp.float32)
     lse = cp.empty((bh, T), dtype=cp.float32)
     shared = forward_shared_bytes(d)
-    kernel("attention.cu", f"attention_forward_d{d}", shared)(
+    kernel("attention.cu", _kernel_name("forward", d, tensor_cores), shared)(
         ((T + BLOCK_M - 1) // BLOCK_M, group, bh // group), (FWD_THREADS,),
         (q3, k3, v3, _key_mask_rows(cp, key_mask, batch, S), out, lse,
          np.int32(T), np.int32(S), np.float32(scale), np.int32(bool(is_causal))),
@@ -162,7 +173,7 @@ def forward(q, k, v, key_mask=None, is_causal=False, scale=None):
     return out.reshape(q.shape), lse.reshape(q.shape[:-1])
 
 
-def backward(q, k, v, out, lse, dout, key_mask=None, is_causal=False, scale=None):
+def backward(q, k, v, out, lse, dout, key_mask=None, is_causal=False, scale=None, tensor_cores=TENSOR_CORES):
     """dq, dk, dv of the fused attention, from the forward's ``out`` and ``lse`` and the output gradient
     (dk, dv sum over the query heads that share a key/value head)."""
     import cupy as cp
@@ -182,7 +193,7 @@ def backward(q, k, v, out, lse, dout, key_mask=None, is_causal=False, scale=None
     dk = cp.empty(k3.shape, dtype=cp.float32)
     dv = cp.empty(k3.shape, dtype=cp.float32)
     shared = backward_shared_bytes(d)
-    kernel("attention.cu", f"attention_backward_d{d}", shared)(
+    kernel("attention.cu", _kernel_name("backward", d, tensor_cores), shared)(
         ((S + BLOCK_N - 1) // BLOCK_N, bh // group), (BWD_THREADS,),
         (q3, k3, v3, _key_mask_rows(cp, key_mask, batch, S), lse2, delta, do3, dq, dk, dv,
          np.int32(T), np.int32(S), np.int32(group), np.float32(scale), np.int32(bool(is_causal))),

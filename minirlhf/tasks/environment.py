@@ -13,6 +13,7 @@ import numpy as np
 from ..rollout import sample
 from ..validation import is_nonnegative_int, is_positive, is_positive_int, require
 from .arithmetic import AdditionTask, rule_reward, task_tokenizer
+from .jsonl import JSONLTask
 from .preferences import gold_score, label_pairs, perturbations
 
 
@@ -23,10 +24,12 @@ class TaskConfig:
     n_heldout: int = 200           # held-out problems (evaluation only, never trained on)
     n_train_prompts: int = 4000    # training prompts of the RL stages
     eval_samples: int = 4          # samples per held-out prompt for pass@1 and the gold score
+    task_file: str = None          # a JSONL file of {"question", "answer"} problems instead of addition (digits unused)
 
     def __post_init__(self):
         for name in ("digits", "n_heldout", "n_train_prompts", "eval_samples"):
             require(self, name, is_positive_int, "a positive integer")
+        require(self, "task_file", lambda v: v is None or isinstance(v, str), "None or a path")
 
 
 @dataclass
@@ -47,18 +50,29 @@ class PreferenceConfig:
 
 
 class AdditionEnvironment:
-    """The task, its tokenizer and prompts, and the two scores as functions of (prompt index, response ids)."""
+    """The task, its tokenizer and prompts, and the two scores as functions of (prompt index, response ids).
 
-    def __init__(self, config, seed):
+    ``tokenizer``: a pretrained model's (its chat template and end-of-turn token); by default a BPE
+    trained on the task. With ``config.task_file`` the problems come from the user's JSONL file.
+    """
+
+    def __init__(self, config, seed, tokenizer=None):
         self.config = config
-        self.task = AdditionTask(config.digits, config.n_heldout, seed=seed)
-        self.tokenizer = task_tokenizer(self.task)
+        if config.task_file is None:
+            self.task = AdditionTask(config.digits, config.n_heldout, seed=seed)
+            answer_digits = config.digits + 1
+        else:
+            self.task = JSONLTask(config.task_file, config.n_heldout)
+            answer_digits = self.task.max_answer_digits
+        self.tokenizer = tokenizer if tokenizer is not None else task_tokenizer(self.task)
         self.train = self.task.train_problems(config.n_train_prompts, np.random.default_rng([seed, 1]))
         self.heldout = self.task.heldout
         self.train_prompts = [self.task.prompt_ids(self.tokenizer, p) for p in self.train]
         self.heldout_prompts = [self.task.prompt_ids(self.tokenizer, p) for p in self.heldout]
         self.eos_id, self.pad_id = self.tokenizer.eos_id, self.tokenizer.pad_id
-        self.max_new_tokens = config.digits + 3  # the answer has at most digits + 1 digits, then <|im_end|>
+        # the answer's digits, one token each with the task's tokenizer (a pretrained one may need more), and the
+        # end of the turn, plus one token of slack
+        self.max_new_tokens = answer_digits + 2
 
     def text(self, response):
         if response and response[-1] == self.eos_id:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import losses
-from ..model import GPT
 from ..rollout import response_logprobs
 from ..tensor import no_grad
 from ..validation import is_number, is_positive, is_positive_int, require
@@ -75,7 +74,7 @@ class PPOConfig(TrainConfig):
 
 def with_value_head(model):
     """A copy of ``model`` that also predicts values V(s_t); the value head starts at the GPT-2 init."""
-    policy = GPT(model.config, value_head=True)
+    policy = type(model)(model.config, value_head=True)
     policy.load_state_dict(model.state_dict(), strict=False)
     return policy
 

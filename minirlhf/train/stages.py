@@ -22,7 +22,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from .. import backend
+from ..checkpoint import read_config
+from ..llama import Llama, LlamaRewardModel
 from ..model import GPT, GPTConfig, RewardModel
+from ..pretrained import from_pretrained
+from ..tokenizer_json import HFTokenizer
 from ..tasks.environment import AdditionEnvironment, PreferenceConfig, TaskConfig
 from ..validation import is_positive_int, require
 from .config import make_configs, read_json
@@ -42,10 +46,12 @@ class ModelConfig:
     n_head: int = 4                # attention heads
     n_embd: int = 64               # width of the residual stream
     block_size: int = 32           # longest sequence, prompt and response together
+    model: str = None              # a Hugging Face directory (Llama, Qwen2, Qwen3, GPT-2) to start from instead
 
     def __post_init__(self):
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
             require(self, name, is_positive_int, "a positive integer")
+        require(self, "model", lambda v: v is None or os.path.isdir(v), "None or a Hugging Face model folder")
 
 
 @dataclass
@@ -80,10 +86,19 @@ class Stage:
     train: Callable                # train(inputs, *configs, out_dir, resume, progress) -> (model, history, metrics)
 
 
+def environment(task, seed, model_dir=None):
+    """The task's environment; with a pretrained model, its own tokenizer (chat template, end of turn)."""
+    return AdditionEnvironment(task, seed, None if model_dir is None else HFTokenizer.load(model_dir))
+
+
 def train_sft_stage(inputs, config, task, size, out_dir, resume, progress):
     backend.manual_seed(inputs.seed)
     env = inputs.env
-    model = GPT(GPTConfig(vocab_size=env.tokenizer.vocab_size, **asdict(size)))
+    if size.model is not None:
+        model = from_pretrained(size.model)
+    else:
+        model = GPT(GPTConfig(vocab_size=env.tokenizer.vocab_size, n_layer=size.n_layer, n_head=size.n_head,
+                              n_embd=size.n_embd, block_size=size.block_size))
     demos = env.demonstrations(config.steps * config.batch_size, inputs.seed)
     history = train_sft(model, demos, config, env.pad_id, out_dir=out_dir, resume=resume,
                         log=os.path.join(out_dir, "metrics.jsonl"), progress=progress)
@@ -93,7 +108,7 @@ def train_sft_stage(inputs, config, task, size, out_dir, resume, progress):
 
 def train_rm_stage(inputs, config, preferences, out_dir, resume, progress):
     train_pairs, heldout_pairs = inputs.preference_pairs(preferences)
-    rm = RewardModel.from_gpt(inputs.sft)
+    rm = (LlamaRewardModel if isinstance(inputs.sft, Llama) else RewardModel).from_gpt(inputs.sft)
     history = train_reward_model(rm, train_pairs, config, inputs.env.pad_id, out_dir=out_dir, resume=resume,
                                  log=os.path.join(out_dir, "metrics.jsonl"), progress=progress)
     normalize_reward_model(rm, *pair_batch(train_pairs, inputs.env.pad_id))
@@ -229,13 +244,32 @@ def run_stage(stage, out_dir, inputs, configs, resume=False, progress=True, read
     return model, history, metrics
 
 
+MODEL_CLASSES = {cls.__name__: cls for cls in (GPT, Llama, RewardModel, LlamaRewardModel)}
+
+
+def load_model(directory):
+    """The model saved in ``directory``, of the class its config.json names."""
+    name = read_config(directory).get("architecture")
+    if name not in MODEL_CLASSES:
+        raise ValueError(f"{directory}/config.json names architecture {name!r}; expected one of {sorted(MODEL_CLASSES)}")
+    return MODEL_CLASSES[name].load(directory)
+
+
+def sft_environment(sft_dir, sft_run):
+    """The environment an sft run trained in: its task and seed, and its tokenizer when it was a pretrained one."""
+    task = TaskConfig(**sft_run["settings"]["TaskConfig"])
+    pretrained = sft_run["settings"].get("ModelConfig", {}).get("model") is not None
+    tokenizer = HFTokenizer.load(os.path.join(sft_dir, "tokenizer")) if pretrained else None
+    return AdditionEnvironment(task, sft_run["seed"], tokenizer)
+
+
 def load_inputs(env, seed, sft_dir, rm_dir=None):
     """The models of finished runs (the SFT policy, and the reward model when given) as a stage's inputs."""
     inputs = Inputs(env, seed)
-    inputs.sft = GPT.load(os.path.join(sft_dir, "model"))
+    inputs.sft = load_model(os.path.join(sft_dir, "model"))
     if rm_dir is not None:
         read_run(rm_dir, "rm")
-        inputs.rm = RewardModel.load(os.path.join(rm_dir, "model"))
+        inputs.rm = load_model(os.path.join(rm_dir, "model"))
     return inputs
 
 

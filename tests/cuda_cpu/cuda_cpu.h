@@ -15,7 +15,9 @@
 // Two schedules, which a correct kernel cannot tell apart:
 //   schedule 0: threads resumed in order 0, 1, 2, ...; a cp.async copy lands in shared memory at
 //               the cp.async.wait_group that retires it (the latest a GPU may deliver it);
-//   schedule 1: threads resumed in reverse order; a cp.async copy lands at once (the earliest).
+//   schedule 1: the highest-numbered runnable thread first, each warp barrier opened as soon as it
+//               can be, so one warp runs ahead to the next __syncthreads before the others start;
+//               a cp.async copy lands at once (the earliest).
 // A missing wait reads shared memory the copy has not reached (schedule 0); a missing barrier
 // lets one thread overwrite or read a tile while another still uses or fills it (one of the two
 // orders). Either way the two schedules give different bits, or wrong ones.
@@ -27,6 +29,7 @@
 #pragma once
 
 #include <math.h>
+#include <setjmp.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -84,6 +87,16 @@ inline int __float_as_int(float f) {
     memcpy(&i, &f, 4);
     return i;
 }
+inline float __uint_as_float(unsigned u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    memcpy(&u, &f, 4);
+    return u;
+}
 inline float __fmul_rn(float a, float b) { return a * b; }  // built with -ffp-contract=off: never fused
 
 namespace cuda_cpu {
@@ -106,10 +119,16 @@ struct Thread {
     dim3 index;
     int linear = 0;
     State state = State::runnable;
-    ucontext_t context;
+    ucontext_t context;  // where the fiber starts, on its own stack
+    jmp_buf resume;      // where it continues after a yield
+    bool started = false;
     std::vector<char> stack;
     std::vector<PendingCopy> open_group;               // issued since the last commit_group
     std::vector<std::vector<PendingCopy>> committed;   // oldest first
+};
+
+struct MmaFragments {
+    unsigned a[4], b[2];
 };
 
 struct Block {
@@ -117,9 +136,11 @@ struct Block {
     int schedule = 0;
     std::vector<Thread> threads;
     std::vector<uint64_t> exchange[2];  // shuffle values, one slot per thread, two by parity
-    std::vector<int> shuffle_count;     // per thread: shuffles done (picks the parity)
+    std::vector<MmaFragments> fragments[2];  // mma.sync operands, likewise
+    std::vector<int> collectives;       // per thread: warp collectives done (picks the parity)
     Thread* current = nullptr;
     ucontext_t scheduler;
+    jmp_buf scheduler_resume;
     std::function<void()> body;
     std::string error;
 };
@@ -139,20 +160,41 @@ inline SharedRegion& shared_region() {
     return r;
 }
 
+// Switching between the scheduler and a fiber. A fiber's first entry goes through its ucontext
+// (onto its own stack); after that _setjmp/_longjmp switch, which unlike swapcontext make no system
+// call. AddressSanitizer follows swapcontext but not longjmp between stacks: it gets swapcontext only.
+#if defined(__SANITIZE_ADDRESS__)
+inline void enter_thread(Thread& t) { swapcontext(&block().scheduler, &t.context); }
+inline void leave_thread(Thread& t) { swapcontext(&t.context, &block().scheduler); }
+#else
+inline void enter_thread(Thread& t) {
+    if (_setjmp(block().scheduler_resume) == 0) {
+        if (!t.started) {
+            t.started = true;
+            setcontext(&t.context);
+        }
+        _longjmp(t.resume, 1);
+    }
+}
+inline void leave_thread(Thread& t) {
+    if (_setjmp(t.resume) == 0) _longjmp(block().scheduler_resume, 1);
+}
+#endif
+
 // A fiber that hits an error records it and returns to the scheduler for good.
 [[noreturn]] inline void fail(const std::string& message) {
     Block& b = block();
     if (b.error.empty()) b.error = message;
     Thread& t = this_thread();
     t.state = State::done;
-    swapcontext(&t.context, &b.scheduler);
+    leave_thread(t);
     __builtin_unreachable();
 }
 
 inline void yield_to_scheduler(State waiting) {
     Thread& t = this_thread();
     t.state = waiting;
-    swapcontext(&t.context, &block().scheduler);
+    leave_thread(t);
 }
 
 // ------------------------------------------------------------------ cp.async
@@ -202,7 +244,7 @@ inline T shuffle(unsigned mask, T value, int src_lane_of_mine) {
     Block& b = block();
     Thread& t = this_thread();
     if (mask != 0xffffffffu) fail("__shfl_*_sync: only the full-warp mask is modelled");
-    const int parity = b.shuffle_count[t.linear]++ & 1;
+    const int parity = b.collectives[t.linear]++ & 1;
     uint64_t bits = 0;
     memcpy(&bits, &value, sizeof(T));
     b.exchange[parity][t.linear] = bits;
@@ -214,6 +256,40 @@ inline T shuffle(unsigned mask, T value, int src_lane_of_mine) {
     return out;
 }
 
+// ------------------------------------------------------------------ tensor cores
+// cvt.rna.tf32.f32: round to nearest, ties away from zero, to 10 mantissa bits (NaN, inf unchanged).
+inline unsigned tf32_round(float x) {
+    unsigned u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7f800000u) == 0x7f800000u) return u;
+    return (u + 0x1000u) & 0xffffe000u;  // adding half a TF32 ulp to the magnitude rounds ties away
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, d += A B, a warp-wide instruction: each lane
+// deposits its fragments, the warp meets at a barrier, and each lane computes its four elements of D
+// from the whole of A (16 × 8) and B (8 × 8), gathered by PTX's fragment layout (lane = 4g + c):
+//   A[g + 8(r % 2)][c + 4(r / 2)] = a_r,  B[c + 4r][g] = b_r,  D[g + 8(r / 2)][2c + r % 2] = d_r.
+// TF32 products are exact in fp32; the sum over k is taken in order (the hardware's order is its own).
+inline void mma_tf32_m16n8k8(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+    Block& blk = block();
+    Thread& t = this_thread();
+    const int parity = blk.collectives[t.linear]++ & 1;
+    MmaFragments& mine = blk.fragments[parity][t.linear];
+    memcpy(mine.a, a, sizeof mine.a);
+    memcpy(mine.b, b, sizeof mine.b);
+    yield_to_scheduler(State::at_warp_barrier);
+    const MmaFragments* warp = &blk.fragments[parity][t.linear / 32 * 32];
+    auto A = [&](int i, int k) { return __uint_as_float(warp[(i % 8) * 4 + k % 4].a[i / 8 + 2 * (k / 4)]); };
+    auto B = [&](int k, int n) { return __uint_as_float(warp[n * 4 + k % 4].b[k / 4]); };
+    const int g = t.linear % 32 / 4, c = t.linear % 4;
+    for (int r = 0; r < 4; ++r) {
+        const int i = g + 8 * (r / 2), n = 2 * c + r % 2;
+        float sum = d[r];
+        for (int k = 0; k < 8; ++k) sum += A(i, k) * B(k, n);
+        d[r] = sum;
+    }
+}
+
 // ------------------------------------------------------------------ the scheduler
 inline void fiber_main() {
     block().body();
@@ -222,7 +298,18 @@ inline void fiber_main() {
     for (const auto& group : t.committed) in_flight = in_flight || !group.empty();
     if (in_flight) fail("a thread exited with cp.async copies in flight");
     t.state = State::done;
-    swapcontext(&t.context, &block().scheduler);
+    leave_thread(t);
+}
+
+// Opens the barrier of the warp whose first lane is `first`, if all its lanes wait there (a lane that
+// has exited never reaches it: the warp deadlocks).
+inline bool open_warp_barrier(size_t first) {
+    Block& b = block();
+    const size_t end = std::min(b.threads.size(), first + 32);
+    for (size_t i = first; i < end; ++i)
+        if (b.threads[i].state != State::at_warp_barrier) return false;
+    for (size_t i = first; i < end; ++i) b.threads[i].state = State::runnable;
+    return true;
 }
 
 // Opens every barrier that all its live threads have reached; false if none could open.
@@ -239,19 +326,7 @@ inline bool open_barriers() {
             if (t.state == State::at_block_barrier) t.state = State::runnable;
         opened = true;
     }
-    for (size_t w = 0; w < b.threads.size(); w += 32) {
-        const size_t end = std::min(b.threads.size(), w + 32);
-        bool all = true, any = false;  // a lane that has exited never reaches it: the warp deadlocks
-        for (size_t i = w; i < end; ++i) {
-            if (b.threads[i].state == State::at_warp_barrier) any = true;
-            else all = false;
-        }
-        if (any && all) {
-            for (size_t i = w; i < end; ++i)
-                if (b.threads[i].state == State::at_warp_barrier) b.threads[i].state = State::runnable;
-            opened = true;
-        }
-    }
+    for (size_t w = 0; w < b.threads.size(); w += 32) opened = open_warp_barrier(w) || opened;
     return opened;
 }
 
@@ -268,15 +343,19 @@ inline std::string run_block(dim3 index, size_t shared_bytes) {
     for (int i = 0; i < n; ++i) {
         Thread& t = b.threads[i];
         t.state = State::runnable;
+        t.started = false;
         t.open_group.clear();
         t.committed.clear();
-        b.shuffle_count[i] = 0;
+        b.collectives[i] = 0;
         getcontext(&t.context);
         t.context.uc_stack.ss_sp = t.stack.data();
         t.context.uc_stack.ss_size = t.stack.size();
         t.context.uc_link = nullptr;
         makecontext(&t.context, fiber_main, 0);
     }
+    // schedule 0: sweeps over the threads in order, barriers opened between sweeps (warps in step);
+    // schedule 1: always the highest-numbered runnable thread, a warp's barrier opened as soon as its
+    // last lane arrives, so the last warp runs ahead to the next block barrier before the others start.
     while (b.error.empty()) {
         bool ran = false, live = false;
         for (int k = 0; k < n && b.error.empty(); ++k) {
@@ -285,12 +364,16 @@ inline std::string run_block(dim3 index, size_t shared_bytes) {
             live = true;
             if (t.state != State::runnable) continue;
             b.current = &t;
-            swapcontext(&b.scheduler, &t.context);
+            enter_thread(t);
             ran = true;
+            if (b.schedule == 1) {
+                if (t.state == State::at_warp_barrier) open_warp_barrier(t.linear / 32 * 32);
+                break;  // rescan from the top
+            }
         }
         if (!live || !b.error.empty()) break;
         if (!ran && !open_barriers()) b.error = "deadlock: the threads of a block wait at different barriers";
-        else if (ran) open_barriers();
+        else if (ran && b.schedule == 0) open_barriers();
     }
     CUDA_CPU_UNPOISON(r.base, r.capacity);
     for (size_t i = shared_bytes & ~size_t(3); i + 4 <= r.capacity; i += 4)
@@ -330,7 +413,9 @@ inline std::string run_grid(const LaunchConfig& c, int max_threads, std::functio
     b.threads.resize(threads);
     b.exchange[0].assign(threads, 0);
     b.exchange[1].assign(threads, 0);
-    b.shuffle_count.assign(threads, 0);
+    b.fragments[0].assign(threads, MmaFragments{});
+    b.fragments[1].assign(threads, MmaFragments{});
+    b.collectives.assign(threads, 0);
     for (unsigned z = 0, i = 0; z < c.block[2]; ++z)
         for (unsigned y = 0; y < c.block[1]; ++y)
             for (unsigned x = 0; x < c.block[0]; ++x, ++i) {
@@ -375,6 +460,8 @@ int launch(void (*kernel)(Args...), int max_threads, const LaunchConfig& config,
 using cuda_cpu::cp_async_16;
 using cuda_cpu::cp_async_commit_group;
 using cuda_cpu::cp_async_wait_group;
+using cuda_cpu::mma_tf32_m16n8k8;
+using cuda_cpu::tf32_round;
 
 #define threadIdx (cuda_cpu::this_thread().index)
 #define blockIdx (cuda_cpu::block().index)
