@@ -63,10 +63,12 @@ Conventions (shared by every function below):
   reference log-probs, advantages, returns, rewards and KL anchors are detached here,
   so a caller cannot leak gradient into them by accident.
 * Diagnostics come back as 0-d arrays of the input's backend (``float(x)`` reads one);
-  nothing in the loss math calls ``.item()``, so a GPU step never waits on the host (one
-  exception: grpo_advantages checks its rewards for NaN and inf, one sync per batch).
+  nothing in the loss math calls ``.item()``, so a GPU step never waits on the host (the
+  exceptions: the advantage estimators check their rewards — NaN and inf, 0/1 for pass@k — one
+  sync per batch; clip_cov_loss and kl_cov_loss pick their tokens on the host).
 * Settings (β, ε, clip ranges, weights) must be finite numbers: inf or NaN is refused by name.
-* Groups (GRPO, RLOO) are consecutive rows: ``rewards.reshape(B // G, G)``.
+* Groups (GRPO, RLOO) are consecutive rows: ``rewards.reshape(B // G, G)``; where a function
+  takes ``index``, rows with equal ids form a group of any size (a group of one gets 0).
 """
 import math
 
