@@ -922,7 +922,7 @@ def kto_reference_point(pi_logp_mismatched, ref_logp_mismatched):
 
 # ------------------------------------------------- advantage estimators (more)
 def reinforce_pp_baseline_advantages(rewards, group_size=None, mask=None, eps=1e-8, index=None):
-    """REINFORCE++-baseline (Hu et al. 2025, REINFORCE++ §3, the group-baseline variant): subtract
+    """REINFORCE++-baseline (Hu et al. 2025, REINFORCE++, its group-baseline variant): subtract
     each prompt's mean reward, then whiten over the whole batch,
 
         A_i = whiten_batch( r_i − mean_{j in i's group} r_j )
