@@ -121,3 +121,33 @@ def _num_tokens(num_tokens, m):
         raise ValueError(f"num_tokens: expected a positive finite number (the token count of the whole "
                          f"accumulated batch), got {num_tokens!r}")
     return float(num_tokens)
+
+
+def _group_index(rewards, group_size, index):
+    """(first, inverse, counts): the groups of (B,) ``rewards`` as ``xp.unique`` gives them — the
+    first row of each group, each row's group number and each group's size — from either
+    consecutive groups of ``group_size`` or ``index`` (B,) integer ids, one per row (rows with equal
+    ids are one group, of any size, 1 included)."""
+    xp = rewards.xp
+    if index is None:
+        _groups(rewards, group_size)
+        ids = xp.arange(rewards.shape[0]) // (rewards.shape[0] if group_size is None else group_size)
+    else:
+        if group_size is not None:
+            raise ValueError(f"group_size: give group_size (consecutive groups) or index (group ids), not both; "
+                             f"got group_size={group_size!r} with an index")
+        if rewards.ndim != 1:
+            raise ValueError(f"rewards: expected shape (B,), got {rewards.shape}")
+        ids = _array(index, rewards)
+        if tuple(ids.shape) != tuple(rewards.shape):
+            raise ValueError(f"index: expected shape {tuple(rewards.shape)} (one group id per row), "
+                             f"got {tuple(ids.shape)}")
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"index: expected integer group ids, got dtype {ids.dtype}")
+    _, first, inverse, counts = xp.unique(ids, return_index=True, return_inverse=True, return_counts=True)
+    return first, inverse.reshape(-1), counts
+
+
+def _check_int_range(value, low, high, name, what):
+    if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and low <= value <= high):
+        raise ValueError(f"{name}: must be an integer in [{low}, {high}] ({what}), got {value!r}")

@@ -28,6 +28,24 @@ log π_ref(y_t), ρ_t = π(y_t)/π_old(y_t), σ the logistic function, A an adva
   simpo_loss             −log σ(β/|y_w| log π(y_w) − β/|y_l| log π(y_l) − γ)      Meng et al. 2024, eq. 6
   orpo_loss              NLL(y_w) − λ log σ(log odds(y_w) − log odds(y_l))        Hong et al. 2024, eqs. 6–7
   kto_loss               λ_y − v(y),  v = λ σ(±β(log r − z0))            Ethayarajh et al. 2024, §4
+  kto_reference_point    z0 = max(0, mean log π/π_ref of mismatched pairs)   Ethayarajh et al. 2024, §4.1
+
+The loss menu (after the classics):
+
+  reinforce_pp_baseline_advantages  whiten_batch(r − mean_group r)        Hu et al. 2025
+  remax_advantages       r(y) − r(greedy ȳ)                              Li et al. 2023, Algorithm 1
+  pass_at_k_advantages   mean best-of-k reward of the k-subsets holding i, minus R̄   Chen et al. 2025, eqs. 14–15
+  cispo_loss             −sg(clip(ρ, 1−ε_low, 1+ε_high)) A log π          MiniMax-M1 2025, eq. 4
+  gmpo_loss              −A exp(mean_t clip(log ρ_t))                     Zhao et al. 2025
+  sapo_loss              −(4/τ) σ(τ(ρ − 1)) A                             Gao et al. 2025
+  clip_cov_loss          PPO, with random high-covariance tokens cut off  Cui et al. 2025, §5
+  kl_cov_loss            −ρ A + k |log ρ| on the top-covariance tokens    Cui et al. 2025, §5
+  rollout_correction_weights  min(ρ, C) per token or sequence; ρ·[ρ <= C]; ρ·[a <= ρ <= b]   TIS, MIS, IcePop
+  overlong_penalty       −clip((|y| − L_max + L_cache) / L_cache, 0, 1)   Yu et al. 2025 (DAPO), eq. 13
+  informative_groups     groups with 0 < #correct < G                     Yu et al. 2025 (DAPO), eq. 11
+  and options of the classics: grpo/rloo_advantages(index=...) for groups of any size; kl_estimate's
+  "abs", "k1+", "k3+"; dpo_loss's rpo_alpha (Pang et al. 2024), "ipo_norm" (TRL's IPO) and
+  f_divergence (Wang et al. 2023)
 
 Argument checks and conversions live in ``minirlhf/_checks.py``; the differentiable pieces
 the losses share (token_logprobs, k3, log1mexp) in ``minirlhf/functional.py``.
@@ -45,10 +63,12 @@ Conventions (shared by every function below):
   reference log-probs, advantages, returns, rewards and KL anchors are detached here,
   so a caller cannot leak gradient into them by accident.
 * Diagnostics come back as 0-d arrays of the input's backend (``float(x)`` reads one);
-  nothing in the loss math calls ``.item()``, so a GPU step never waits on the host (one
-  exception: grpo_advantages checks its rewards for NaN and inf, one sync per batch).
+  nothing in the loss math calls ``.item()``, so a GPU step never waits on the host (the
+  exceptions: the advantage estimators check their rewards — NaN and inf, 0/1 for pass@k — one
+  sync per batch; clip_cov_loss and kl_cov_loss pick their tokens on the host).
 * Settings (β, ε, clip ranges, weights) must be finite numbers: inf or NaN is refused by name.
-* Groups (GRPO, RLOO) are consecutive rows: ``rewards.reshape(B // G, G)``.
+* Groups (GRPO, RLOO) are consecutive rows: ``rewards.reshape(B // G, G)``; where a function
+  takes ``index``, rows with equal ids form a group of any size (a group of one gets 0).
 """
 import math
 
@@ -57,8 +77,9 @@ import numpy as np
 from . import backend
 from . import functional as F
 from .tensor import Tensor
-from ._checks import (_array, _check_clip, _check_finite, _check_nonnegative, _check_option, _check_positive, _const,
-                      _groups, _mask, _num_tokens, _per_sequence, _per_token, _tensor)
+from ._checks import (_array, _check_clip, _check_finite, _check_int_range, _check_nonnegative, _check_option,
+                      _check_positive, _const, _group_index, _groups, _is_real, _mask, _num_tokens, _per_sequence,
+                      _per_token, _tensor)
 
 token_logprobs = F.token_logprobs
 log1mexp = F.log1mexp
@@ -224,6 +245,9 @@ def kl_exact(logits, ref_logits, mask=None):
     return (logp.exp() * log_ratio).sum(axis=-1)
 
 
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k3+")
+
+
 def kl_estimate(logp, ref_logp, estimator="k1"):
     """Per-token Monte-Carlo estimators of KL(π ‖ π_ref) from samples y_t ~ π (Schulman 2020,
     "Approximating KL divergence"), with log r = log π(y_t) − log π_ref(y_t):
@@ -231,25 +255,41 @@ def kl_estimate(logp, ref_logp, estimator="k1"):
         k1 = log r                     unbiased, can be negative
         k2 = ½ (log r)²                biased, low variance, >= 0
         k3 = 1/r − 1 − log(1/r)        unbiased, >= 0, low variance (GRPO's KL term)
+        abs = |log r|                  verl's "abs": biased, >= 0
+        k1+, k3+                       the value of k1 (k3) with the gradient of k2 (verl's
+                                       straight-through "k1+", "k3+"): k2 − sg(k2) + sg(k)
+
+    As a loss term (differentiated through log π at the sampled y, the sample held fixed),
+    E_{y~π}[∇k1] = 0, E[∇k2] = ∇KL(π ‖ π_ref) and E[∇k3] = ∇KL(π_ref ‖ π), the reverse
+    direction; k1+ and k3+ carry k2's gradient, so they give ∇KL(π ‖ π_ref) while their values
+    stay unbiased estimates of KL(π ‖ π_ref) (tests/test_losses_menu.py checks all five by
+    enumeration on a one-token language, where a token is a whole response).
 
     k3 is evaluated as expm1(x) − x with x = log(π_ref/π) clipped to at most
     MAX_LOG_RATIO (so exp never overflows; beyond it the value is capped and the
     gradient is 0). logp carries the gradient; ref_logp is detached.
     """
-    _check_option(estimator, ("k1", "k2", "k3"), "estimator")
+    _check_option(estimator, KL_ESTIMATORS, "estimator")
     logp = _tensor(logp, "logp")
     ref_logp = _const(ref_logp, logp, "ref_logp", logp.shape)
     log_ratio = logp - ref_logp
-    if estimator == "k1":
-        return log_ratio
+    k2 = 0.5 * log_ratio * log_ratio
     if estimator == "k2":
-        return 0.5 * log_ratio * log_ratio
-    return F.k3(F.clip(-log_ratio, None, MAX_LOG_RATIO))
+        return k2
+    if estimator == "abs":
+        return F.abs(log_ratio)
+    if estimator.startswith("k1"):
+        k = log_ratio
+    else:
+        k = F.k3(F.clip(-log_ratio, None, MAX_LOG_RATIO))
+    if estimator.endswith("+"):
+        return k2 - k2.detach() + k.detach()
+    return k
 
 
 def response_kl(logp, ref_logp, mask, estimator="k1"):
     """The KL of each response: Σ_t m_t · k(y_t), k the per-token estimator of kl_estimate
-    ("k1" | "k2" | "k3"), so that E_{y~π}[response_kl] = KL(π(·|x) ‖ π_ref(·|x)) for k1 and k3.
+    (one of KL_ESTIMATORS), so that E_{y~π}[response_kl] = KL(π(·|x) ‖ π_ref(·|x)) for k1 and k3.
 
     logp (B, T) with or without gradient (it flows through, as in kl_estimate); ref_logp (B, T)
     detached; mask (B, T). What sits under the mask is never read. Returns (B,).
@@ -267,7 +307,7 @@ def kl_penalty(logp, ref_logp, mask, scores, beta, estimator="k1"):
 
     logp, ref_logp (B, T) of the sampled tokens under the rollout policy and the
     reference; mask (B, T); scores (B,) from the reward model; beta >= 0 the KL
-    coefficient; estimator "k1" | "k2" | "k3" (see kl_estimate). Everything is
+    coefficient; estimator one of KL_ESTIMATORS (see kl_estimate). Everything is
     detached: these are rewards for GAE, not a loss. Returns (B, T), 0 under the mask.
     """
     _check_nonnegative(beta, "beta")
@@ -313,15 +353,19 @@ class AdaptiveKLController:
 
 
 # ------------------------------------------------------------ REINFORCE
-def rloo_advantages(rewards, group_size):
+def rloo_advantages(rewards, group_size=None, index=None):
     """REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024):
 
         A_i = r_i − 1/(G−1) Σ_{j≠i, j in i's group} r_j  =  G/(G−1) · (r_i − mean_group r)
 
-    rewards (B,) with consecutive groups of ``group_size`` G >= 2 samples per prompt.
-    Returns detached (B,).
+    rewards (B,) with consecutive groups of ``group_size`` G >= 2 samples per prompt, or
+    ``index`` (B,) group ids for groups of unequal sizes: G is then each row's own group size,
+    and a group of one (nothing to leave out) gets 0. Returns detached (B,).
     """
     r = _tensor(rewards, "rewards").detach()
+    if index is not None:
+        centred, n = _group_centred(r, group_size, index)
+        return Tensor(centred * n / r.xp.maximum(n - 1, 1), dtype=r.dtype)
     g = _groups(r, group_size)
     G = g.shape[1]
     baseline = (g.sum(axis=1, keepdims=True) - g) / (G - 1)
@@ -481,7 +525,7 @@ def entropy(logits, mask):
 
 
 # ----------------------------------------------------------------- GRPO
-def grpo_advantages(rewards, group_size, scale="group", eps=1e-4):
+def grpo_advantages(rewards, group_size=None, scale="group", eps=1e-4, index=None):
     """Group-relative advantages (GRPO, Shao et al. 2024, DeepSeekMath §4.1.2):
 
         A_i = (r_i − mean_group r) / (std + eps)
@@ -489,17 +533,26 @@ def grpo_advantages(rewards, group_size, scale="group", eps=1e-4):
     rewards (B,), consecutive groups of group_size G >= 2. scale: "group" — std is the
     unbiased sample std of i's group; "batch" — the unbiased std of all B rewards
     (Hu 2025; TRL's scale_rewards="batch"); "none" — no division (Dr. GRPO, Liu et al.
-    2025). A group whose rewards are all equal gets exactly 0. Returns detached (B,).
+    2025). A group whose rewards are all equal gets exactly 0. Instead of group_size, ``index``
+    (B,) gives each row's group id, for groups of unequal sizes; a group of one has nothing to
+    compare with and gets 0 (verl keeps its raw score instead). With neither, the whole batch is one
+    group. Returns detached (B,).
     """
     _check_option(scale, ("group", "batch", "none"), "scale")
     _check_nonnegative(eps, "eps")
     r = _tensor(rewards, "rewards").detach()
-    g = _groups(r, group_size).data
     xp = r.xp
-    bad = ~xp.isfinite(r.data)
-    if bad.any():  # one host sync on the GPU: a NaN reward would silently zero or skew its group
-        raise ValueError(f"rewards: must be finite, got {r.data[bad][:3].tolist()} at rows "
-                         f"{xp.flatnonzero(bad)[:3].tolist()}")
+    _check_finite_rewards(r)
+    if index is not None:
+        centred, n = _group_centred(r, group_size, index)
+        if scale == "group":
+            std = _group_unbiased_std(centred, n, *_group_index(r, None, index)[1:])
+        elif scale == "batch":
+            std = _unbiased_std(r.data - r.data.mean(), r.shape[0], axis=None)
+        if scale != "none":
+            centred = centred / xp.where(std + eps > 0, std + eps, 1)
+        return Tensor(centred.astype(r.dtype, copy=False), dtype=r.dtype)
+    g = _groups(r, group_size).data
     constant = g.max(axis=1, keepdims=True) == g.min(axis=1, keepdims=True)
     centered = xp.where(constant, 0, g - g.mean(axis=1, keepdims=True))
     if scale != "none":
@@ -510,6 +563,38 @@ def grpo_advantages(rewards, group_size, scale="group", eps=1e-4):
         # a constant group is already exactly 0; dividing it by std + eps = 0 would make NaN
         centered = centered / xp.where(std + eps > 0, std + eps, 1)
     return Tensor(centered.reshape(r.shape[0]), dtype=r.dtype)
+
+
+def _check_finite_rewards(r):
+    xp = r.xp
+    bad = ~xp.isfinite(r.data)
+    if bad.any():  # one host sync on the GPU: a NaN reward would silently zero or skew its group
+        raise ValueError(f"rewards: must be finite, got {r.data[bad][:3].tolist()} at rows "
+                         f"{xp.flatnonzero(bad)[:3].tolist()}")
+
+
+def _group_sum(x, inverse, counts):
+    """Σ of x over each row's group, given back per row (B,)."""
+    xp = backend.get_array_module(x)
+    return xp.bincount(inverse, weights=x, minlength=counts.shape[0])[inverse].astype(x.dtype, copy=False)
+
+
+def _group_centred(r, group_size, index):
+    """(r_i − mean of i's group, size of i's group) as arrays (B,); exactly 0 for every row of a
+    group whose rewards are all equal, a group of one included."""
+    first, inverse, counts = _group_index(r, group_size, index)
+    x = r.data
+    n = counts[inverse].astype(x.dtype)
+    differs = _group_sum((x != x[first][inverse]).astype(x.dtype), inverse, counts) > 0
+    return r.xp.where(differs, x - _group_sum(x, inverse, counts) / n, 0), n
+
+
+def _group_unbiased_std(centred, n, inverse, counts):
+    """sqrt(Σ_group c² / (n − 1)) per row, scaled by max |c| first so that no square overflows."""
+    xp = backend.get_array_module(centred)
+    s = xp.abs(centred).max() if centred.size else xp.zeros((), centred.dtype)
+    u = centred / xp.where(s > 0, s, 1)
+    return s * xp.sqrt(_group_sum(u * u, inverse, counts) / xp.maximum(n - 1, 1))
 
 
 def _aggregate(per_token, m, loss_type, num_tokens=None):
@@ -614,10 +699,13 @@ def gspo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, clip_eps=3e-
 
 # ------------------------------------------------------ preference (DPO)
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "cdpo")
+DPO_LENGTH_LOSS_TYPES = ("ipo_norm",)   # these also need the response lengths len_chosen, len_rejected
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type="sigmoid",
-             label_smoothing=0.0):
+             label_smoothing=0.0, rpo_alpha=0.0, len_chosen=None, len_rejected=None, f_divergence="reverse_kl",
+             alpha=0.5):
     """Direct preference optimisation on sequence log-probs. With
     h = log π(y_w)/π_ref(y_w) − log π(y_l)/π_ref(y_l) and z = β·h:
 
@@ -627,15 +715,33 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_ty
       "robust"   (−(1−ε) log σ(z) + ε log σ(−z)) / (1−2ε)  robust DPO (Chowdhury et al. 2024): averaged
                                                            over flips with rate ε it is the clean loss
       "hinge"    max(0, 1 − z)                             SLiC's hinge (Zhao et al. 2023)
-      "ipo"      (h − 1/(2β))²                             IPO, Azar et al. 2023, eq. 17
+      "ipo"      (h − 1/(2β))²                             IPO, Azar et al. 2023, eq. 17: h on whole
+                                                           sequences, as the paper defines it
+      "ipo_norm" (h̄ − 1/(2β))²                             IPO as TRL implements it: h̄ on length-averaged
+                                                           log-ratios, log π/π_ref(y)/|y| (len_* needed)
+
+    Options:
+      rpo_alpha α > 0 adds α · mean_i −log π(y_w,i)/|y_w,i|, the length-normalised NLL of the
+        chosen response (RPO, Pang et al. 2024, eq. 2; len_chosen needed). TRL divides the NLL by
+        the batch's token count instead; we follow the paper (each response's token mean).
+      f_divergence (Wang et al. 2023, "Beyond Reverse KL", Theorem 1): DPO for the f-divergence
+        whose f′ replaces log in the logit, with u = log π/π_ref of each response:
+          "reverse_kl"        z = β (u_w − u_l)                          (DPO)
+          "forward_kl"        z = β (e^{−u_l} − e^{−u_w})                f′(x) = −1/x
+          "js_divergence"     z = β ((u_w − softplus u_w) − (u_l − softplus u_l))   f′(x) = log(2x/(1+x))
+          "alpha_divergence"  z = β (e^{−α u_l} − e^{−α u_w}) / α        f′(x) = (1 − x^{−α})/α, α in (0, 1);
+                                                                     α → 0 gives reverse KL, α = 1 forward KL
+        for the logistic and hinge losses ("sigmoid", "cdpo", "robust", "hinge"); the exponents are
+        capped at MAX_LOG_RATIO, as TRL caps them.
 
     pi_chosen, pi_rejected (B,): log π(y_w|x), log π(y_l|x) under the policy (with gradient);
     ref_chosen, ref_rejected (B,): the same under the frozen reference; beta > 0;
-    label_smoothing ε in [0, 0.5) for "cdpo" and "robust" (must be 0 otherwise).
+    label_smoothing ε in [0, 0.5) for "cdpo" and "robust" (must be 0 otherwise);
+    len_chosen, len_rejected (B,) response lengths in tokens (>= 1).
     Returns (loss, chosen_rewards, rejected_rewards): the batch-mean loss and the detached
     implicit rewards β log(π/π_ref) of each response, (B,).
     """
-    _check_option(loss_type, DPO_LOSS_TYPES, "loss_type")
+    _check_option(loss_type, DPO_LOSS_TYPES + DPO_LENGTH_LOSS_TYPES, "loss_type")
     _check_positive(beta, "beta")
     if loss_type in ("cdpo", "robust"):
         if not 0 <= label_smoothing < 0.5:
@@ -644,15 +750,28 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_ty
     elif label_smoothing != 0:
         raise ValueError(f"label_smoothing: only loss_type 'cdpo' or 'robust' use it; got {label_smoothing} "
                          f"with loss_type {loss_type!r}")
+    _check_nonnegative(rpo_alpha, "rpo_alpha")
+    _check_option(f_divergence, F_DIVERGENCES, "f_divergence")
+    if f_divergence != "reverse_kl" and loss_type in ("ipo", "ipo_norm"):
+        raise ValueError(f"f_divergence: {f_divergence!r} applies to the logistic and hinge losses, not to "
+                         f"loss_type {loss_type!r}")
+    if f_divergence == "alpha_divergence" and not (_is_real(alpha) and 0 < alpha < 1):
+        raise ValueError(f"alpha: must lie in (0, 1) for the alpha divergence, got {alpha!r}")
     pi_chosen = _tensor(pi_chosen, "pi_chosen")
     shape = pi_chosen.shape
     pi_rejected = _tensor(pi_rejected, "pi_rejected")
     if pi_rejected.shape != shape:
         raise ValueError(f"pi_rejected: shape {pi_rejected.shape} does not match pi_chosen's {shape}")
+    need_lengths = loss_type == "ipo_norm" or rpo_alpha != 0
+    if need_lengths and len_chosen is None:
+        raise ValueError(f"len_chosen: needed for loss_type 'ipo_norm' and for rpo_alpha > 0 (got loss_type "
+                         f"{loss_type!r}, rpo_alpha={rpo_alpha})")
+    if loss_type == "ipo_norm" and len_rejected is None:
+        raise ValueError("len_rejected: needed for loss_type 'ipo_norm'")
     chosen_log_ratio = pi_chosen - _const(ref_chosen, pi_chosen, "ref_chosen", shape)
     rejected_log_ratio = pi_rejected - _const(ref_rejected, pi_chosen, "ref_rejected", shape)
     h = chosen_log_ratio - rejected_log_ratio
-    z = beta * h
+    z = beta * _f_divergence_logit(chosen_log_ratio, rejected_log_ratio, f_divergence, alpha)
     eps = label_smoothing
     if loss_type == "sigmoid":
         per_pair = -F.log_sigmoid(z)
@@ -662,9 +781,38 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_ty
         per_pair = (-(1 - eps) * F.log_sigmoid(z) + eps * F.log_sigmoid(-z)) / (1 - 2 * eps)
     elif loss_type == "hinge":
         per_pair = F.relu(1 - z)
-    else:
+    elif loss_type == "ipo":
         per_pair = (h - 1 / (2 * beta)) ** 2
-    return _row_mean(per_pair), beta * chosen_log_ratio.detach(), beta * rejected_log_ratio.detach()
+    else:
+        h_mean = (chosen_log_ratio / _lengths(len_chosen, pi_chosen, "len_chosen")
+                  - rejected_log_ratio / _lengths(len_rejected, pi_chosen, "len_rejected"))
+        per_pair = (h_mean - 1 / (2 * beta)) ** 2
+    loss = _row_mean(per_pair)
+    if rpo_alpha != 0:
+        loss = loss + rpo_alpha * _row_mean(-pi_chosen / _lengths(len_chosen, pi_chosen, "len_chosen"))
+    return loss, beta * chosen_log_ratio.detach(), beta * rejected_log_ratio.detach()
+
+
+def _lengths(lengths, like, name):
+    n = _const(lengths, like, name, like.shape)
+    if (n.data < 1).any():
+        raise ValueError(f"{name}: response lengths must be >= 1 token, got {n.data[n.data < 1][:3].tolist()}")
+    return n
+
+
+def _f_divergence_logit(u_w, u_l, f_divergence, alpha):
+    """f′(π/π_ref)(y_w) − f′(π/π_ref)(y_l) (up to the constant f′ adds to both), from the log-ratios u."""
+    if f_divergence == "reverse_kl":
+        return u_w - u_l
+
+    def capped_exp(x):
+        return F.clip(x, None, MAX_LOG_RATIO).exp()
+
+    if f_divergence == "forward_kl":
+        return capped_exp(-u_l) - capped_exp(-u_w)
+    if f_divergence == "alpha_divergence":
+        return (capped_exp(-alpha * u_l) - capped_exp(-alpha * u_w)) / alpha
+    return (u_w - F.softplus(u_w)) - (u_l - F.softplus(u_l))
 
 
 def simpo_loss(pi_chosen, pi_rejected, len_chosen, len_rejected, beta=2.0, gamma=1.0):
@@ -752,3 +900,374 @@ def kto_loss(pi_logp, ref_logp, desirable, z0, beta=0.1, desirable_weight=1.0, u
                     undesirable_weight * F.sigmoid(beta * (z0 - log_ratio)))
     weight = pi_logp.xp.where(d, desirable_weight, undesirable_weight).astype(pi_logp.dtype)
     return _row_mean(weight - value), beta * log_ratio.detach()
+
+
+def kto_reference_point(pi_logp_mismatched, ref_logp_mismatched):
+    """KTO's reference point estimated from the batch as the paper does (Ethayarajh et al. 2024, §4.1):
+
+        z0 = max(0, (1/m) Σ_j log π(y'_j | x_j) / π_ref(y'_j | x_j))
+
+    over m mismatched pairs (x_j, y'_j): each prompt with the response of another example of the
+    batch (TRL pairs example j with example j+1's response), a biased but cheap estimate of
+    KL(π ‖ π_ref). pi_logp_mismatched, ref_logp_mismatched (m,) sequence log-probs of those pairs.
+    Detached, so kto_loss sends no gradient through it (TRL and the paper alike). An empty batch
+    gives 0. Returns a 0-d detached Tensor, to pass as kto_loss's z0.
+    """
+    pi = _tensor(pi_logp_mismatched, "pi_logp_mismatched").detach()
+    if pi.ndim != 1:
+        raise ValueError(f"pi_logp_mismatched: expected shape (m,), got {pi.shape}")
+    log_ratio = pi - _const(ref_logp_mismatched, pi, "ref_logp_mismatched", pi.shape)
+    return F.maximum(_row_mean(log_ratio), 0.0)
+
+
+# ------------------------------------------------- advantage estimators (more)
+def reinforce_pp_baseline_advantages(rewards, group_size=None, mask=None, eps=1e-8, index=None):
+    """REINFORCE++-baseline (Hu et al. 2025, REINFORCE++, its group-baseline variant): subtract
+    each prompt's mean reward, then whiten over the whole batch,
+
+        A_i = whiten_batch( r_i − mean_{j in i's group} r_j )
+
+    rewards (B,) in consecutive groups of group_size, or ``index`` (B,) group ids (groups of any
+    size). With ``mask`` (B, T) the whitening runs over response tokens, as verl and OpenRLHF do
+    (a response weighs by its length) and the result is (B, T), 0 under the mask; without it,
+    over responses, (B,). Groups of one have nothing to compare with: they are left out of the
+    whitening and get 0 (verl keeps their raw score). A batch of constant groups gives 0.
+    Returns a detached Tensor.
+    """
+    _check_nonnegative(eps, "eps")
+    r = _tensor(rewards, "rewards").detach()
+    _check_finite_rewards(r)
+    centred, n = _group_centred(r, group_size, index)
+    comparable = (n > 1).astype(r.dtype)
+    if mask is None:
+        return whiten(Tensor(centred, dtype=r.dtype), comparable, eps)
+    m = _array(mask, r)
+    if m.ndim != 2 or m.shape[0] != r.shape[0]:
+        raise ValueError(f"mask: expected shape ({r.shape[0]}, T) (rewards' B), got {tuple(m.shape)}")
+    m = _mask(m, r, shape=m.shape)
+    return whiten(Tensor(centred[:, None] * m, dtype=r.dtype), m * comparable[:, None], eps)
+
+
+def remax_advantages(rewards, greedy_rewards):
+    """ReMax (Li et al. 2023, Algorithm 1): REINFORCE whose baseline is the reward of the greedy
+    response to the same prompt,
+
+        A_i = r(x_i, y_i) − r(x_i, ȳ_i),   ȳ_i = argmax decoding of π(·|x_i)
+
+    rewards, greedy_rewards (B,): each row's reward and the greedy reward of its prompt (repeated
+    for rows of the same prompt). The baseline does not depend on y_i, so the gradient stays
+    unbiased. Returns detached (B,).
+    """
+    r = _tensor(rewards, "rewards").detach()
+    if r.ndim != 1:
+        raise ValueError(f"rewards: expected shape (B,), got {r.shape}")
+    _check_finite_rewards(r)
+    b = _const(greedy_rewards, r, "greedy_rewards", r.shape)
+    _check_finite_rewards(Tensor(b.data, dtype=r.dtype))
+    return r - b
+
+
+def pass_at_k_advantages(rewards, group_size, k, scale="group"):
+    """GRPO's advantage for pass@k instead of pass@1 (Chen et al. 2025, "Pass@k Training", eqs. 14–15),
+    for 0/1 rewards. A group of N samples with N_neg failures is scored by every k-subset's best
+    reward, averaged:
+
+        R̄ = 1 − C(N_neg, k) / C(N, k)                                    (the group's pass@k estimate)
+        A_pos = 1 − R̄,    A_neg = 1 − R̄ − C(N_neg − 1, k − 1) / C(N − 1, k − 1),
+        then / σ with σ = sqrt(R̄ (1 − R̄))   (scale "group"; "none": no division)
+
+    A sample's unscaled A is the mean best reward of the k-subsets that hold it, minus R̄; its
+    group mean is 0. Unscaled, E[(1/N) Σ_i A_i ∇log π(y_i)] = (N − k)/(N k) · ∇ pass@k(π) for
+    pass@k = 1 − (1 − p)^k (tests/test_losses_menu.py checks it by enumeration on minirlhf/exact.py);
+    k = 1 gives r_i − mean_group r, GRPO's advantage with the population σ (grpo_advantages uses
+    the unbiased one). A group where fewer than k samples fail, or all fail, gets 0.
+
+    rewards (B,) of 0s and 1s in consecutive groups of group_size N >= 2; k in [1, N].
+    Returns detached (B,).
+    """
+    _check_option(scale, ("group", "none"), "scale")
+    r = _tensor(rewards, "rewards").detach()
+    g = _groups(r, group_size).data
+    _check_int_range(k, 1, group_size, "k", "samples per pass@k attempt, at most group_size")
+    xp = r.xp
+    if not ((g == 0) | (g == 1)).all():
+        raise ValueError(f"rewards: pass@k needs 0/1 rewards (failed/passed), got values "
+                         f"{xp.unique(g[(g != 0) & (g != 1)])[:3].tolist()}")
+    N = group_size
+    n_neg = (1 - g).sum(axis=1, keepdims=True)
+    q = xp.ones_like(n_neg)        # C(N_neg, k) / C(N, k): the chance that k samples all fail
+    q_cond = xp.ones_like(n_neg)   # C(N_neg − 1, k − 1) / C(N − 1, k − 1): the same with one failure given
+    for j in range(k):
+        q = q * xp.maximum(n_neg - j, 0) / (N - j)
+    for j in range(k - 1):
+        q_cond = q_cond * xp.maximum(n_neg - 1 - j, 0) / (N - 1 - j)
+    A = xp.where(g == 1, q, q - q_cond)
+    if scale == "group":
+        sigma = xp.sqrt(q * (1 - q))
+        A = xp.where(sigma > 0, A / xp.where(sigma > 0, sigma, 1), 0)
+    return Tensor(A.reshape(r.shape[0]).astype(r.dtype, copy=False), dtype=r.dtype)
+
+
+# ------------------------------------------------------ policy objectives (more)
+def _policy_inputs(logp, old_logp, advantages, mask):
+    """(logp, old_logp, A, m) with the module's conventions: masked positions zeroed, old_logp and
+    A detached, A broadcastable to (B, T)."""
+    logp = _per_token(logp, "logp")
+    m = _mask(mask, logp)
+    old_logp = _keep(_const(old_logp, logp, "old_logp", logp.shape), m)
+    A = _keep(_per_sequence(advantages, logp, "advantages"), m)
+    return _keep(logp, m), old_logp, A, m
+
+
+def _with_reference_kl(loss, logp, ref_logp, m, beta, stats, loss_type):
+    k3 = _reference_k3(logp, ref_logp, m, beta, stats)
+    if k3 is not None and beta != 0:
+        loss = loss + beta * _aggregate(k3, m, loss_type)
+    return loss
+
+
+def cispo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, clip_eps=None, clip_eps_high=0.28,
+               num_tokens=None):
+    """CISPO (MiniMax-M1, 2025, eq. 4): REINFORCE weighted by the clipped, stopped-gradient
+    importance ratio, so no token ever loses its gradient (PPO drops the clipped ones):
+
+        ℓ_t = −sg(clip(ρ_t, 1 − ε_low, 1 + ε_high)) · A_i · log π(y_t),     L = Σ m ℓ / N
+
+    N = Σ m (the paper's 1/Σ|o_i|), or ``num_tokens`` across micro-batches as in grpo_loss.
+    clip_eps (ε_low) None leaves the ratio unbounded below, as the paper does (it tunes only
+    ε_high); clip_eps_high > 0. At ρ = 1 the gradient equals PPO's. The loss value is not a
+    surrogate of the return, only its gradient is meaningful. Other arguments as in grpo_loss
+    (beta adds β · token-mean k3 to the reference). Returns (loss, stats) with weight_clip_fraction
+    (share of tokens whose weight was clipped; not PPO's clip_fraction, no branch is dropped) and kl.
+    """
+    _check_nonnegative(beta, "beta")
+    if clip_eps is not None:
+        _check_clip(clip_eps, None)
+    _check_positive(clip_eps_high, "clip_eps_high")
+    logp, old_logp, A, m = _policy_inputs(logp, old_logp, advantages, mask)
+    ratio = _safe_log_ratio(logp, old_logp).exp().data
+    low = 0.0 if clip_eps is None else 1.0 - clip_eps
+    weight = logp.xp.clip(ratio, low, 1.0 + clip_eps_high)
+    per_token = -(A * Tensor(weight, dtype=logp.dtype)) * logp
+    stats = {"weight_clip_fraction": _fraction((weight != ratio).astype(logp.dtype), m)}
+    loss = _keep(per_token, m).sum() / _num_tokens(num_tokens, m)
+    return _with_reference_kl(loss, logp, ref_logp, m, beta, stats, "bnpo"), stats
+
+
+def gmpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, clip_eps=0.4, clip_eps_high=None):
+    """GMPO (Zhao et al. 2025, Geometric-Mean Policy Optimization): the geometric mean of the
+    token ratios, each clipped in log space, as one ratio per sequence,
+
+        ℓ_t = sgn(A_i) · min(sgn(A_i) log ρ_t, sgn(A_i) clip(log ρ_t, −ε_low, ε_high))
+        s_i = exp( Σ_t m_t ℓ_t / |y_i| ),      L = mean_i −A_i s_i
+
+    so a token with an extreme ratio moves s_i far less than it moves an arithmetic mean (GRPO's
+    token average). Clipping log ρ at ±0.4 as the paper does (verl's default). Arguments as in
+    gspo_loss; a response with no tokens adds 0. Returns (loss, stats) with clip_fraction (share
+    of tokens where the clipped branch is taken) and kl.
+    """
+    _check_nonnegative(beta, "beta")
+    _check_positive(clip_eps, "clip_eps")
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    _check_positive(eps_high, "clip_eps_high")
+    logp_in = _per_token(logp, "logp")
+    A = _const(advantages, logp_in, "advantages", (logp_in.shape[0],))
+    logp, old_logp, _, m = _policy_inputs(logp_in, old_logp, A.data, mask)
+    xp = logp.xp
+    sign = xp.sign(A.data)[:, None]
+    log_ratio = _safe_log_ratio(logp, old_logp)
+    unclipped = log_ratio * sign
+    clipped = F.clip(log_ratio, -clip_eps, eps_high) * sign
+    per_token = F.minimum(unclipped, clipped) * sign
+    lengths = xp.maximum(m.sum(axis=1), 1.0)
+    s = F.clip(_keep(per_token, m).sum(axis=1) / lengths, -MAX_LOG_RATIO, MAX_LOG_RATIO).exp()
+    nonempty = (m.sum(axis=1) > 0).astype(logp.dtype)
+    loss = _row_mean(_keep(-A * s, nonempty))
+    stats = {"clip_fraction": _fraction((clipped.data < unclipped.data).astype(logp.dtype), m)}
+    return _with_reference_kl(loss, logp, ref_logp, m, beta, stats, "grpo"), stats
+
+
+def sapo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, tau_pos=1.0, tau_neg=1.05):
+    """SAPO (Gao et al. 2025, Soft Adaptive Policy Optimization): a smooth gate in place of the
+    hard clip, with a steeper one for negative advantages,
+
+        f(ρ) = (4/τ) σ(τ (ρ − 1)),   τ = τ_pos if A > 0 else τ_neg,   ℓ_t = −f(ρ_t) · A_t
+
+    aggregated as GRPO does (token mean per sequence, then mean). f'(1) = 1, so at ρ = 1 the
+    gradient is the policy gradient; away from 1 it fades as 4 σ(1 − σ) ρ instead of dropping to
+    0 at a clip edge. tau_pos, tau_neg > 0 (the paper's 1.0 and 1.05). Other arguments as in
+    grpo_loss. Returns (loss, stats) with kl.
+    """
+    _check_nonnegative(beta, "beta")
+    _check_positive(tau_pos, "tau_pos")
+    _check_positive(tau_neg, "tau_neg")
+    logp, old_logp, A, m = _policy_inputs(logp, old_logp, advantages, mask)
+    ratio = _safe_log_ratio(logp, old_logp).exp()
+    tau = logp.xp.where(A.data > 0, tau_pos, tau_neg).astype(logp.dtype)
+    per_token = -A * (4.0 / tau) * F.sigmoid(tau * (ratio - 1.0))
+    stats = {}
+    loss = _aggregate(per_token, m, "grpo")
+    return _with_reference_kl(loss, logp, ref_logp, m, beta, stats, "grpo"), stats
+
+
+def _covariance(logp, A, m):
+    """Per-token Cov_t = (log π_t − mean log π) · (A_t − mean A), means over the batch's response
+    tokens (Cui et al. 2025, eq. 11's centred product): a detached array (B, T), 0 under the mask."""
+    xp = logp.xp
+    n = xp.maximum(m.sum(), 1.0)
+    A = xp.broadcast_to(A.data, m.shape) * m
+    lp = logp.data * m
+    return (lp - lp.sum() / n) * (A - A.sum() / n) * m
+
+
+def clip_cov_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, clip_eps=0.2, clip_eps_high=None,
+                  clip_ratio=2e-4, cov_low=1.0, cov_high=5.0, seed=0, num_tokens=None):
+    """Clip-Cov (Cui et al. 2025, "The Entropy Mechanism of RL for Reasoning LMs", §5): PPO's clipped
+    surrogate, token mean, with the gradient of a few high-covariance tokens cut off. The tokens
+    whose Cov_t = (log π_t − mean log π)(A_t − mean A) lies in [cov_low, cov_high] are the
+    candidates; max(1, ⌊clip_ratio · N⌋) of them, drawn at random (``seed``), contribute 0 to the
+    loss, as in verl (N = Σ m; verl's defaults 2e-4, 1, 5). Their covariance is what drives entropy
+    collapse. The selection runs on the host (one device-to-host copy of the (B, T) covariances).
+    Other arguments as in grpo_loss. Returns (loss, stats) with clip_fraction, cov_fraction
+    (share of tokens cut off) and kl.
+    """
+    _check_nonnegative(beta, "beta")
+    eps_high = _check_clip(clip_eps, clip_eps_high)
+    _check_nonnegative(clip_ratio, "clip_ratio")
+    _check_finite(cov_low, "cov_low")
+    _check_finite(cov_high, "cov_high")
+    if cov_low > cov_high:
+        raise ValueError(f"cov_high: must be >= cov_low ({cov_low}), got {cov_high}")
+    logp, old_logp, A, m = _policy_inputs(logp, old_logp, advantages, mask)
+    xp = logp.xp
+    cov = _covariance(logp, A, m)
+    candidates = backend.to_numpy(xp.flatnonzero(((cov >= cov_low) & (cov <= cov_high) & (m > 0)).reshape(-1)))
+    count = min(max(int(clip_ratio * float(m.sum())), 1), candidates.size)
+    cut = np.zeros(m.size)
+    cut[np.random.default_rng(seed).permutation(candidates)[:count]] = 1
+    keep = m * (1 - xp.asarray(cut.reshape(m.shape), dtype=m.dtype))
+    ratio = _safe_log_ratio(logp, old_logp).exp()
+    per_token, clipped = _clipped_surrogate(ratio, A, clip_eps, eps_high)
+    loss = _keep(per_token, keep).sum() / _num_tokens(num_tokens, m)
+    stats = {"clip_fraction": _fraction(clipped, m), "cov_fraction": _fraction(m - keep, m)}
+    return _with_reference_kl(loss, logp, ref_logp, m, beta, stats, "bnpo"), stats
+
+
+def kl_cov_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, kl_coef=1.0, top_ratio=2e-4,
+                num_tokens=None):
+    """KL-Cov (Cui et al. 2025, "The Entropy Mechanism of RL for Reasoning LMs", §5): the unclipped
+    surrogate −ρ_t A_t, plus a KL penalty on the tokens of largest covariance only,
+
+        ℓ_t = −ρ_t A_t + kl_coef · |log ρ_t| · [t among the top max(1, ⌊top_ratio · N⌋) by Cov_t]
+
+    with Cov_t as in clip_cov_loss, token mean over N = Σ m (verl's convention). kl_coef >= 0 (1, as
+    the paper's scripts set it; verl's config defaults to 0.1); top_ratio >= 0 (verl's 2e-4). Other arguments as in grpo_loss. Returns (loss, stats) with cov_fraction
+    (share of penalised tokens) and kl.
+    """
+    _check_nonnegative(beta, "beta")
+    _check_nonnegative(kl_coef, "kl_coef")
+    _check_nonnegative(top_ratio, "top_ratio")
+    logp, old_logp, A, m = _policy_inputs(logp, old_logp, advantages, mask)
+    xp = logp.xp
+    cov = backend.to_numpy(xp.where(m > 0, _covariance(logp, A, m), -np.inf)).reshape(-1)
+    count = min(max(int(top_ratio * float(m.sum())), 1), int((cov > -np.inf).sum()))
+    top = np.zeros(m.size)
+    top[np.argsort(-cov, kind="stable")[:count]] = 1
+    top = xp.asarray(top.reshape(m.shape), dtype=m.dtype)
+    log_ratio = _safe_log_ratio(logp, old_logp)
+    per_token = -A * log_ratio.exp() + kl_coef * top * F.abs(log_ratio)
+    loss = _keep(per_token, m).sum() / _num_tokens(num_tokens, m)
+    stats = {"cov_fraction": _fraction(top, m)}
+    return _with_reference_kl(loss, logp, ref_logp, m, beta, stats, "bnpo"), stats
+
+
+# the policy objectives a GRPO trainer can use in place of grpo_loss, all called as
+# f(logp, old_logp, ref_logp, advantages, mask, beta=...) -> (loss, stats)
+POLICY_OBJECTIVES = {"cispo": cispo_loss, "gmpo": gmpo_loss, "sapo": sapo_loss, "clip_cov": clip_cov_loss,
+                     "kl_cov": kl_cov_loss, "gspo": gspo_loss}
+
+
+# ------------------------------------------ a sampler that differs from the trainer
+ROLLOUT_CORRECTIONS = ("tis", "tis_seq", "mis", "icepop")
+
+
+def rollout_correction_weights(old_logp, sampler_logp, mask, mode="tis", low=0.5, high=None):
+    """Importance weights that correct for a sampler (vLLM, a quantised or fused-kernel copy) whose
+    probabilities π_s differ from the trainer's π_old for the same weights. With ρ_t = π_old(y_t)/π_s(y_t)
+    and ρ_i = Π_t ρ_t the sequence ratio:
+
+      "tis"      w_t = min(ρ_t, C)                      truncated IS, per token (Yao et al. 2025,
+                                                        "Your efficient RL framework secretly brings you
+                                                        off-policy RL training"; C = 2)
+      "tis_seq"  w_t = min(ρ_i, C)                      the same per sequence
+      "mis"      w_t = ρ_i · [ρ_i <= C]                 masked IS: a sequence beyond C is dropped, not
+                                                        truncated (Liu et al. 2025, "When speed kills
+                                                        stability"; C = 2)
+      "icepop"   w_t = ρ_t · [low <= ρ_t <= high]       IcePop's two-sided token mask (Ling team 2025;
+                                                        low = 0.5, high = 5)
+
+    The trainer multiplies each token's policy loss by w_t (verl's rollout_is_weights); for a
+    clipped surrogate that is the same as using the advantages w_t · A_t, since w_t >= 0.
+    old_logp (B, T) the trainer's log π_old, sampler_logp (B, T) the sampler's (Rollout.logprobs,
+    same temperature); mask (B, T); high = C (default 2, or 5 for "icepop"), low > 0 for "icepop".
+    log ρ is clipped to ±MAX_LOG_RATIO. Returns a detached Tensor (B, T), 0 under the mask.
+    """
+    _check_option(mode, ROLLOUT_CORRECTIONS, "mode")
+    high = (5.0 if mode == "icepop" else 2.0) if high is None else high
+    _check_positive(high, "high")
+    _check_positive(low, "low")
+    if mode == "icepop" and low > high:
+        raise ValueError(f"low: must be <= high ({high}) for mode 'icepop', got {low}")
+    old = _per_token(old_logp, "old_logp").detach()
+    m = _mask(mask, old)
+    sampler = _keep(_const(sampler_logp, old, "sampler_logp", old.shape), m).data
+    log_ratio = old.xp.clip(_keep(old, m).data - sampler, -MAX_LOG_RATIO, MAX_LOG_RATIO)
+    xp = old.xp
+    if mode in ("tis", "icepop"):
+        ratio = xp.exp(log_ratio)
+    else:
+        ratio = xp.broadcast_to(xp.exp(xp.clip(log_ratio.sum(axis=1, keepdims=True), -MAX_LOG_RATIO,
+                                               MAX_LOG_RATIO)), m.shape)
+    if mode in ("tis", "tis_seq"):
+        w = xp.minimum(ratio, high)
+    elif mode == "mis":
+        w = xp.where(ratio <= high, ratio, 0)
+    else:
+        w = xp.where((ratio >= low) & (ratio <= high), ratio, 0)
+    return Tensor((w * m).astype(old.dtype, copy=False), dtype=old.dtype)
+
+
+# -------------------------------------------------------- DAPO's reward shaping
+def overlong_penalty(lengths, max_length, buffer_length, penalty=1.0):
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the reward of a response
+    of |y| tokens, with L_max = max_length and L_cache = buffer_length:
+
+        0                                 if |y| <= L_max − L_cache
+        penalty · (L_max − L_cache − |y|) / L_cache    if L_max − L_cache < |y| <= L_max
+        −penalty                          if |y| > L_max
+
+    lengths (B,) response lengths in tokens; max_length a positive integer; buffer_length an
+    integer in [1, max_length]; penalty >= 0 (DAPO: 1). Returns a float64 array (B,).
+    """
+    _check_int_range(max_length, 1, math.inf, "max_length", "the longest response in tokens")
+    _check_int_range(buffer_length, 1, max_length, "buffer_length", "tokens before max_length where it starts")
+    _check_nonnegative(penalty, "penalty")
+    n = np.asarray(backend.to_numpy(lengths) if backend.is_cupy_array(lengths) else lengths, dtype=np.float64)
+    if n.ndim != 1:
+        raise ValueError(f"lengths: expected shape (B,), got {n.shape}")
+    start = max_length - buffer_length
+    return -penalty * np.clip((n - start) / buffer_length, 0.0, 1.0)
+
+
+def informative_groups(rewards, group_size):
+    """DAPO's dynamic sampling (Yu et al. 2025, eq. 11's constraint 0 < |{correct}| < G): True for
+    the rows of every group whose rewards are not all equal. A group of equal rewards has advantage
+    0 under any group baseline and only dilutes the token mean; the trainer drops it (DAPO samples
+    more prompts to refill the batch; here the batch just shrinks). Their share is the
+    ``frac_reward_zero_std`` metric. rewards (B,) in consecutive groups of group_size.
+    Returns a bool array (B,) on the rewards' device.
+    """
+    r = _tensor(rewards, "rewards").detach()
+    g = _groups(r, group_size).data
+    varied = g.max(axis=1) != g.min(axis=1)
+    return r.xp.repeat(varied, group_size)

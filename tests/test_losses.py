@@ -860,6 +860,42 @@ def _gradient_cases():
         cases[f"dpo_loss_{loss_type}"] = (
             lambda a, b, k=loss_type, s=smoothing: losses.dpo_loss(a, b, seq[2], seq[3], beta=0.5, loss_type=k,
                                                                  label_smoothing=s)[0], seq[:2])
+    lengths_w, lengths_l = [3, 4, 5, 6], [2, 2, 7, 1]
+    # The straight-through estimators and CISPO stop part of their value's gradient: their backward is
+    # checked against the finite differences of the function whose gradient they carry (k2; PPO's
+    # unclipped surrogate), and CISPO's also where every weight is clipped, so its value is that function.
+    def with_value_of(fn, value_fn):
+        return lambda *xs: fn(*xs) + (value_fn(*xs) - fn(*xs)).detach()
+
+    cases["kl_estimate_abs"] = (lambda x: losses.kl_estimate(x, ref, "abs"), [logp])
+    cases["response_kl_abs"] = (lambda x: losses.response_kl(x, ref, mask, "abs"), [logp])
+    for est in ("k1+", "k3+"):
+        cases[f"kl_estimate_{est}"] = (with_value_of(lambda x, est=est: losses.kl_estimate(x, ref, est),
+                                                     lambda x: losses.kl_estimate(x, ref, "k2")), [logp])
+        cases[f"response_kl_{est}"] = (with_value_of(lambda x, est=est: losses.response_kl(x, ref, mask, est),
+                                                     lambda x: losses.response_kl(x, ref, mask, "k2")), [logp])
+    cases["cispo_loss"] = (with_value_of(
+        lambda x: losses.cispo_loss(x, old, ref, adv, mask, beta=0.1, clip_eps_high=1e6)[0],
+        lambda x: losses.grpo_loss(x, old, ref, adv, mask, beta=0.1, clip_eps=0.999, clip_eps_high=1e6,
+                                   loss_type="bnpo")[0]), [logp])
+    cases["cispo_loss_clipped_high"] = (
+        lambda x: losses.cispo_loss(x, logp - 1, ref, adv, mask, beta=0.1, clip_eps_high=0.3)[0], [logp])
+    cases["cispo_loss_clipped_low"] = (
+        lambda x: losses.cispo_loss(x, logp + 1, ref, adv, mask, beta=0.1, clip_eps=0.2)[0], [logp])
+    for name, options in {"gmpo_loss": {"beta": 0.1, "clip_eps": 0.3}, "sapo_loss": {"beta": 0.1},
+                          "clip_cov_loss": {"beta": 0.1, "clip_ratio": 0.2, "cov_low": -10.0, "cov_high": 10.0},
+                          "kl_cov_loss": {"beta": 0.1, "top_ratio": 0.2}}.items():
+        cases[name] = (lambda x, fn=getattr(losses, name), o=options: fn(x, old, ref, adv, mask, **o)[0], [logp])
+    for f in losses.F_DIVERGENCES:
+        cases[f"dpo_loss_{f}"] = (lambda a, b, f=f: losses.dpo_loss(a, b, seq[2], seq[3], beta=0.5, f_divergence=f)[0],
+                                  seq[:2])
+    cases["dpo_loss_ipo_norm"] = (lambda a, b: losses.dpo_loss(a, b, seq[2], seq[3], beta=0.5, loss_type="ipo_norm",
+                                                               len_chosen=lengths_w, len_rejected=lengths_l)[0], seq[:2])
+    cases["dpo_loss_rpo"] = (lambda a, b: losses.dpo_loss(a, b, seq[2], seq[3], beta=0.5, rpo_alpha=0.7,
+                                                          len_chosen=lengths_w)[0], seq[:2])
+    cases["kto_loss_batch_reference_point"] = (
+        lambda a: losses.kto_loss(a, seq[1], [True, False, True, False], losses.kto_reference_point(seq[2], seq[3] - 1),
+                                  beta=0.5)[0], [seq[0]])
     return cases
 
 

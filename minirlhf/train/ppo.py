@@ -12,6 +12,9 @@ For each step:
        (losses.ppo_policy_loss, losses.ppo_value_loss), ρ = π/π_old; backward, step
     7. with ``adaptive_kl``, move β toward the target KL (losses.AdaptiveKLController)
 
+With ``rollout_correction``, step 6 weights each token's surrogate by losses.rollout_correction_weights
+of π_old against the sampler's own log-probs (the same as weighting its advantage, the weights being >= 0).
+
 The policy and the value function share the trunk: the policy model carries a value head.
 """
 from dataclasses import dataclass
@@ -45,9 +48,12 @@ class PPOConfig(TrainConfig):
     lam: float = 0.95              # λ of GAE
     temperature: float = 1.0       # sampling temperature (the log-probs use the same)
     max_new_tokens: int = 5        # longest response in tokens
+    rollout_correction: str = None # None | tis | tis_seq | mis | icepop: weights for the sampler's log-probs (losses.rollout_correction_weights)
 
     def check(self):
         super().check()
+        require(self, "rollout_correction", lambda v: v is None or v in losses.ROLLOUT_CORRECTIONS,
+                f"None or one of {', '.join(losses.ROLLOUT_CORRECTIONS)}")
         for name in ("prompts_per_step", "epochs", "minibatches", "max_new_tokens", "kl_horizon"):
             require(self, name, is_positive_int, "a positive integer")
         require(self, "minibatches", lambda v: v <= self.prompts_per_step,
@@ -62,6 +68,8 @@ class PPOConfig(TrainConfig):
         check_with(self, losses.gae, logp, logp, mask, gamma=self.gamma, lam=self.lam)
         check_with(self, losses.ppo_policy_loss, logp, old_logp, advantages, mask, clip_eps=self.clip_eps)
         check_with(self, losses.ppo_value_loss, logp, old_logp, logp, mask, clip_eps=self.value_clip)
+        if self.rollout_correction is not None:
+            check_with(self, losses.rollout_correction_weights, logp, logp, mask, self.rollout_correction)
 
 
 def with_value_head(model):
@@ -96,6 +104,9 @@ def train_ppo(policy, reference, reward_model, prompts, config, eos_id, pad_id, 
         rewards = losses.kl_penalty(old_logp, ref_logp, batch.mask, scores, beta).data
         advantages, returns = losses.gae(rewards, old_values, batch.mask, gamma=config.gamma, lam=config.lam)
         advantages = losses.whiten(advantages, batch.mask).data
+        if config.rollout_correction is not None:
+            advantages = advantages * losses.rollout_correction_weights(old_logp, batch.logprobs, batch.mask,
+                                                                        config.rollout_correction).data
         rng = step_rng(config.seed, step, MINIBATCHES)
         for _ in range(config.epochs):
             for minibatch in np.array_split(rng.permutation(len(batch)), config.minibatches):
