@@ -772,7 +772,7 @@ def token_logprobs(logits, targets):
     xp = logits.xp
     x = logits.data
     m = x.max(axis=-1, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, 0)
+    m = xp.where(m == -xp.inf, 0, m)  # a row of −inf stays −inf − (−inf) = NaN below; +inf and NaN rows give NaN
     e = xp.exp(x - m)
     s = e.sum(axis=-1, keepdims=True)
     # (x_t − m) − log s, not x_t − (m + log s): at |x| ~ 1e30 the sum m + log s rounds log s away
