@@ -458,6 +458,11 @@ def _clipped_surrogate(ratio, advantages, low, high):
     return F.maximum(unclipped, clipped), clipped.data > unclipped.data
 
 
+def _clip_sides(clipped, A, m):
+    """The clipped share split by side: clip_low (ρ < 1 − ε with A < 0), clip_high (ρ > 1 + ε_high with A > 0)."""
+    return {"clip_low": _fraction(clipped & (A.data < 0), m), "clip_high": _fraction(clipped & (A.data > 0), m)}
+
+
 def ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps=0.2, clip_eps_high=None, dual_clip=None):
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss averaged over response tokens:
 
@@ -471,7 +476,7 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps=0.2, clip_eps_hig
     logp (B, T) with gradient; old_logp (B, T) from the rollout policy; advantages (B, T)
     or (B,); mask (B, T). log ρ is clipped to ±MAX_LOG_RATIO before exp.
     Returns (loss, stats): stats["clip_fraction"] is the share of tokens where the clipped
-    branch is active, stats["approx_kl"] the k3 estimate of KL(π_old ‖ π) = mean(ρ − 1 − log ρ).
+    branch is active (clip_low and clip_high split it by side), stats["approx_kl"] the k3 estimate of KL(π_old ‖ π) = mean(ρ − 1 − log ρ).
     """
     eps_high = _check_clip(clip_eps, clip_eps_high)
     if dual_clip is not None and not 1 < dual_clip < math.inf:
@@ -487,7 +492,7 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps=0.2, clip_eps_hig
         per_token = F.where(A.data < 0, F.minimum(per_token, -dual_clip * A), per_token)
     xp = logp.xp
     loss = masked_mean(per_token, m)
-    stats = {"clip_fraction": _fraction(clipped, m),
+    stats = {"clip_fraction": _fraction(clipped, m), **_clip_sides(clipped, A, m),
              "approx_kl": _fraction(xp.expm1(log_ratio.data) - log_ratio.data, m)}
     return loss, stats
 
@@ -646,7 +651,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04, clip_eps=0.
     logp = _keep(logp, m)
     ratio = _safe_log_ratio(logp, old_logp).exp()
     per_token, clipped = _clipped_surrogate(ratio, A, clip_eps, eps_high)
-    stats = {"clip_fraction": _fraction(clipped, m)}
+    stats = {"clip_fraction": _fraction(clipped, m), **_clip_sides(clipped, A, m)}
     k3 = _reference_k3(logp, ref_logp, m, beta, stats)
     if k3 is not None and beta != 0:
         per_token = per_token + beta * k3

@@ -1170,3 +1170,15 @@ def test_an_all_equal_reward_group_contributes_only_the_kl_term(batch, seed, bet
               "dr_grpo": mask / (B * T), "dapo": mask / mask.sum()}[loss_type]
     d_k3 = 1 - np.exp(ref - logp)   # d/d log π of k3 = e^x − 1 − x at x = log π_ref − log π
     np.testing.assert_allclose(leaf.grad[:3], (beta * weight * d_k3)[:3], rtol=1e-10, atol=1e-14)
+
+
+def test_the_clipped_share_splits_into_its_low_and_high_sides():
+    """clip_low counts ρ < 1 − ε with A < 0, clip_high ρ > 1 + ε_high with A > 0; together the clipped share."""
+    logp = np.log(np.array([[0.5, 1.0, 1.5, 0.5, 1.5, 1.0]]))
+    A = np.array([[-1.0, 1.0, 1.0, 1.0, -1.0, -1.0]])
+    mask = np.ones((1, 6))
+    for loss_fn in (lambda: losses.ppo_policy_loss(logp, np.zeros((1, 6)), A, mask, clip_eps=0.2),
+                    lambda: losses.grpo_loss(logp, np.zeros((1, 6)), None, A, mask, beta=0.0, clip_eps=0.2)):
+        _, stats = loss_fn()
+        assert float(stats["clip_low"]) == pytest.approx(1 / 6) and float(stats["clip_high"]) == pytest.approx(1 / 6)
+        assert float(stats["clip_low"]) + float(stats["clip_high"]) == pytest.approx(float(stats["clip_fraction"]))
