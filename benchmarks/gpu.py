@@ -357,6 +357,64 @@ def bench_train_step(cp, torch, repeats, quick, numpy_repeats):
     return records
 
 
+def bench_llama_step(cp, torch, repeats, quick):
+    """Forward + backward + AdamW of a SmolLM2-135M-shaped Llama (grouped-query attention: 9 query heads on 3
+    K/V heads), minirlhf on CuPy against transformers' LlamaForCausalLM on CUDA with the same weights."""
+    import tempfile
+    import minirlhf.functional as F
+    from minirlhf.llama import Llama
+    from minirlhf.optim import AdamW
+    transformers = None
+    try:
+        import transformers
+    except ImportError:
+        pass
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from llama import SMOLLM2_135M
+    shape = dict(SMOLLM2_135M, num_hidden_layers=2, vocab_size=512) if quick else SMOLLM2_135M
+    B, T = (2, 16) if quick else (8, 512)
+    record_shape = {"n_layer": shape["num_hidden_layers"], "n_embd": shape["hidden_size"],
+                    "n_head": shape["num_attention_heads"], "n_kv_head": shape["num_key_value_heads"],
+                    "vocab_size": shape["vocab_size"], "B": B, "T": T}
+    if transformers is None or torch is None:
+        return [{"benchmark": "llama_step", "impl": "cupy", "shape": record_shape, "median_ms": None,
+                 "peak_mem_mb": None, "note": "needs transformers and torch to make the weights"}]
+    ids = np.random.default_rng(0).integers(0, shape["vocab_size"], (B, T))
+    torch.manual_seed(0)
+    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape, bos_token_id=None, eos_token_id=None,
+                                                                    pad_token_id=None))
+    with tempfile.TemporaryDirectory() as path:
+        theirs.save_pretrained(path)
+        ours = Llama.from_pretrained(path)
+    ours.to("cuda")
+    opt = AdamW(ours.parameters(), lr=1e-4)
+    gids = cp.asarray(ids)
+
+    def ours_step():
+        loss = F.cross_entropy(ours(gids[:, :-1]), gids[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    records = []
+    (ms, mb), note = guarded(cp, lambda: cupy_measure(cp, ours_step, repeats, warmup=2))
+    records.append({"benchmark": "llama_step", "impl": "cupy", "shape": record_shape, "median_ms": ms,
+                    "peak_mem_mb": mb, "repeats": repeats, **({"note": note} if note else {})})
+    del ours, opt
+    cp.get_default_memory_pool().free_all_blocks()
+    theirs = theirs.to("cuda")
+    topt = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
+    tids = torch.from_numpy(ids).to("cuda")
+
+    def torch_step():
+        theirs(tids, labels=tids).loss.backward()
+        topt.step()
+        topt.zero_grad()
+    (ms, mb), note = guarded(cp, lambda: torch_measure(torch, torch_step, repeats, warmup=2))
+    records.append({"benchmark": "llama_step", "impl": "torch", "shape": record_shape, "median_ms": ms,
+                    "peak_mem_mb": mb, "repeats": repeats, **({"note": note} if note else {})})
+    return records
+
+
 # ---------------------------------------------------------------- output
 def result_path(out_dir, device, quick):
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", device).strip("_")
@@ -381,7 +439,7 @@ def print_table(records):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="attention,attention_forward,logprobs,train_step",
+    parser.add_argument("--only", default="attention,attention_forward,logprobs,train_step,llama_step",
                         help="comma-separated benchmarks to run")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (>= 20)")
     parser.add_argument("--numpy-repeats", type=int, default=3, help="timed NumPy training steps")
@@ -409,6 +467,8 @@ def main():
             records += bench_logprobs(cp, torch, args.repeats, args.quick)
         elif name == "train_step":
             records += bench_train_step(cp, torch, args.repeats, args.quick, args.numpy_repeats)
+        elif name == "llama_step":
+            records += bench_llama_step(cp, torch, args.repeats, args.quick)
         else:
             parser.error(f"--only: unknown benchmark {name!r}")
     for r in records:
