@@ -70,7 +70,8 @@ def working_sft(env, config, seed, progress):
     """A fresh GPT fine-tuned on demonstrations with optional working (room for the longest response)."""
     backend.manual_seed(seed)
     size = ModelConfig(block_size=40)
-    model = GPT(GPTConfig(vocab_size=env.tokenizer.vocab_size, **asdict(size)))
+    model = GPT(GPTConfig(vocab_size=env.tokenizer.vocab_size, n_layer=size.n_layer, n_head=size.n_head,
+                          n_embd=size.n_embd, block_size=size.block_size))
     sft = SFTConfig(steps=config.sft_steps, seed=seed)
     train_sft(model, env.demonstrations(sft.steps * sft.batch_size, seed), sft, env.pad_id, progress=progress)
     return model
