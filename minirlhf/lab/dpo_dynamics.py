@@ -24,7 +24,6 @@ from ..tensor import no_grad
 from ..train.dpo import DPOConfig, pair_logprobs, train_dpo
 from ..train.evaluate import evaluate_policy
 from ..train.stages import QUICK as STAGE_QUICK
-from ..train.stages import write_json
 from . import report
 from .starting_point import starting_point
 
@@ -101,10 +100,7 @@ def run(out, quick=False, seed=0, sft=None, progress=True, **overrides):
                       f"{r['logps_rejected_start_end']}, gold {r['evaluations'][-1]['gold_reward']:.3f}")
     results = {"experiment": "dpo", "seed": seed, "quick": quick, "settings": asdict(config),
                "preferences": asdict(preferences), "pairs": len(pairs), "runs": runs}
-    results["seconds"] = time.time() - start
-    write_json(os.path.join(out, "results.json"), results)
-    plot(results, out)
-    return results
+    return report.finish(out, results, start, plot)
 
 
 def plot(results, out):

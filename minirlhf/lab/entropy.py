@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..train.grpo import GRPOConfig, train_grpo
-from ..train.stages import write_json
 from . import report
 from .starting_point import starting_point
 
@@ -76,10 +75,7 @@ def run(out, quick=False, seed=0, sft=None, progress=True, **overrides):
                       "reward_start_end": [float(np.mean(reward[:5])), float(np.mean(reward[-5:]))],
                       "clip_fraction_mean": float(np.mean([h["clip_ratio/region_mean"] for h in history]))}
     results = {"experiment": "entropy", "seed": seed, "quick": quick, "settings": asdict(config), "runs": runs}
-    results["seconds"] = time.time() - start
-    write_json(os.path.join(out, "results.json"), results)
-    plot(results, out)
-    return results
+    return report.finish(out, results, start, plot)
 
 
 def plot(results, out):

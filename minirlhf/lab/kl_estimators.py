@@ -36,7 +36,6 @@ import numpy as np
 from .. import exact as E
 from .. import losses
 from ..tensor import Tensor
-from ..train.stages import write_json
 from . import report
 
 ESTIMATORS = ("k1", "k2", "k3")
@@ -217,10 +216,7 @@ def run(out, quick=False, seed=0, progress=True, **overrides):
                "response": gradient_table(response, config, rng),
                "off_policy": off_policy_table(response, config, rng),
                "values": value_sweep(response, config, rng)}
-    results["seconds"] = time.time() - start
-    write_json(os.path.join(out, "results.json"), results)
-    plot(results, out)
-    return results
+    return report.finish(out, results, start, plot)
 
 
 def plot(results, out):

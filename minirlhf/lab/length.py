@@ -30,7 +30,7 @@ from ..tasks.working import WorkingEnvironment
 from ..train.grpo import GRPOConfig, train_grpo
 from ..train.sft import SFTConfig, train_sft
 from ..train.stages import QUICK as STAGE_QUICK
-from ..train.stages import ModelConfig, write_json
+from ..train.stages import ModelConfig
 from . import report
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -95,10 +95,7 @@ def run(out, quick=False, seed=0, progress=True, **overrides):
         runs[loss_type] = {"steps": recorder.steps, **ends(recorder.steps)}
     results = {"experiment": "length", "seed": seed, "quick": quick, "settings": asdict(config),
                "max_new_tokens": env.max_new_tokens, "runs": runs}
-    results["seconds"] = time.time() - start
-    write_json(os.path.join(out, "results.json"), results)
-    plot(results, out)
-    return results
+    return report.finish(out, results, start, plot)
 
 
 def ends(steps, window=5):

@@ -29,7 +29,6 @@ import numpy as np
 from .. import exact as E
 from ..rollout import response_logprobs, sample
 from ..tensor import Tensor, no_grad
-from ..train.stages import write_json
 from . import report
 from .starting_point import starting_point
 
@@ -193,10 +192,7 @@ def run(out, quick=False, seed=0, sft=None, progress=True, **overrides):
     results = {"experiment": "mismatch", "seed": seed, "quick": quick, "settings": asdict(config),
                "gpt": gpt_cases(inputs, config, seed),
                "exact": exact_sweep(config, np.random.default_rng([seed, 14, 5]))}
-    results["seconds"] = time.time() - start
-    write_json(os.path.join(out, "results.json"), results)
-    plot(results, out)
-    return results
+    return report.finish(out, results, start, plot)
 
 
 def plot(results, out):

@@ -3,6 +3,7 @@
 matplotlib is optional (the ``plot`` extra): without it an experiment writes its numbers and its
 report, and the report says that the figures need matplotlib.
 """
+import os
 
 NO_MATPLOTLIB = "no figures: matplotlib is not installed (pip install 'minirlhf[plot]' or pip install matplotlib)"
 
@@ -29,9 +30,18 @@ def markdown_table(header, rows):
 
 def save(fig, out, name):
     """Write ``fig`` to ``out/name`` and close it; returns the path."""
-    import os
     path = os.path.join(out, name)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
     return path
+
+
+def finish(out, results, start, plot):
+    """The end of every experiment: its time, ``out/results.json``, its figure; returns the results."""
+    import time
+    from ..train.stages import write_json
+    results["seconds"] = time.time() - start
+    write_json(os.path.join(out, "results.json"), results)
+    plot(results, out)
+    return results
