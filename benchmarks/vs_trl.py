@@ -1,0 +1,472 @@
+"""Benchmark: GRPO, DPO and PPO steps of minirlhf against TRL's trainers, side by side on a CPU.
+
+Both sides train the same random-init GPT-2-shaped model (minirlhf's GPT, and ``transformers``'
+GPT2LMHeadModel loaded with the same weights) on the addition task's prompts
+(``minirlhf.tasks``), tokenized by the task's byte-level BPE: 276 tokens, every prompt 17 of them.
+TRL reads that vocabulary through a ``tokenizers`` BPE, checked to give the same ids. Context 32,
+float32, no dropout. A row is one step of each trainer, all the work between two optimizer steps:
+
+    row   minirlhf                    TRL                 one step, both sides
+    GRPO  train.grpo.train_grpo       GRPOTrainer         16 prompts × 8 samples, 5 new tokens; rule reward;
+                                                          log π_ref (β = 0.04); one pass (num_iterations=1)
+    DPO   train.dpo.train_dpo         DPOTrainer          64 pairs (chosen and rejected in one forward);
+                                                          log π_ref precomputed before training
+    PPO   train.ppo.train_ppo         RLOOTrainer         128 samples of 5 new tokens; a reward model's score;
+                                                          log π_ref (β = 0.04); one pass
+
+TRL 1.x removed PPOTrainer (moved to trl.experimental in 1.10, deleted after), so the PPO row's peer
+is TRL's nearest on-policy trainer with a reference model and a reward model, RLOOTrainer, with
+k = 2 samples per prompt (its fewest) over 64 prompts. It has no value model: minirlhf's PPO step does
+more (a value head on the shared trunk, GAE, whitening, the value loss) and one extra forward pass
+(log π_old, V_old before the update), so that row is not like for like and says so.
+
+Each step is the trainer's own loop, timed from outside: each trainer runs in a thread that stops
+at the end of every step (minirlhf: the ``log`` callback, after AdamW; TRL: a TrainerCallback's
+``on_step_end``, after optimizer and scheduler) and waits for the main thread to let it take the
+next one. A step's time is all its loop does in between: draw the batch, generate, score, log-probs,
+loss, backward, clip, AdamW. Steps alternate between the sides (minirlhf, TRL, minirlhf, ...), so
+drift in the machine's load hits both; the first ``WARMUP`` steps of each side (setup, the
+precomputed reference log-probs, first allocations) are not timed. Medians are reported.
+
+Threads: NumPy's BLAS and torch's intra-op pool each default to the core count; both are printed.
+TRL's settings that would add work minirlhf does not do are turned off and named in
+:func:`trl_settings` (no gradient checkpointing, no bf16, no logging, evaluation or saving).
+
+    pip install 'minirlhf[bench]'        # trl==1.16.0 and the torch, transformers it needs
+    python benchmarks/vs_trl.py [--sizes 2x64 4x256 12x768] [--steps N] [--json PATH]
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import minirlhf  # noqa: E402
+from minirlhf.model import GPT, GPTConfig, RewardModel  # noqa: E402
+from minirlhf.tasks import Problem, perturbations, rule_reward  # noqa: E402
+from minirlhf.tasks.environment import AdditionEnvironment, TaskConfig  # noqa: E402
+from minirlhf.tokenizer import SPECIAL_TOKENS  # noqa: E402
+from minirlhf.train.dpo import DPOConfig, train_dpo  # noqa: E402
+from minirlhf.train.grpo import GRPOConfig, train_grpo  # noqa: E402
+from minirlhf.train.ppo import PPOConfig, train_ppo, with_value_head  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    n_layer: int
+    n_head: int
+    n_embd: int
+    steps: int  # timed steps per side unless --steps says otherwise
+
+    @property
+    def label(self):
+        return f"{self.n_layer}L/{self.n_embd}d"
+
+
+SIZES = {s.name: s for s in (Size("2x64", 2, 4, 64, 10),
+                             Size("4x256", 4, 4, 256, 6),
+                             Size("12x768", 12, 12, 768, 3))}  # GPT-2 small's trunk: few steps, TRL's take seconds
+ALGORITHMS = ("grpo", "dpo", "ppo")
+TRL_TRAINERS = {"grpo": "GRPOTrainer", "dpo": "DPOTrainer", "ppo": "RLOOTrainer"}
+WARMUP = 2
+SETTLE = 0.0
+CONTEXT = 32
+LR = 1e-6         # small, so that the random policy keeps sampling full-length responses on both sides
+PROMPTS, GROUP = 16, 8
+PAIRS = 64
+BETA_KL, BETA_DPO = 0.04, 0.1
+
+
+# ------------------------------------------------------------ the task, both sides
+@dataclass
+class Task:
+    """The addition task's tokenizer, prompts, rule reward and preference pairs (right answer over a
+    near miss), as minirlhf's trainers take them."""
+    env: AdditionEnvironment
+    pairs: list   # (prompt ids, chosen ids, rejected ids)
+
+    @property
+    def vocab_size(self):
+        return self.env.tokenizer.vocab_size
+
+
+def addition_task(n_pairs=1024, seed=0):
+    env = AdditionEnvironment(TaskConfig(), seed=seed)
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for problem, prompt in zip(env.train[:n_pairs], env.train_prompts):
+        wrong = perturbations(problem.answer, rng)
+        pairs.append((prompt, env.task.answer_ids(env.tokenizer, str(problem.answer)),
+                      env.task.answer_ids(env.tokenizer, wrong[rng.integers(len(wrong))])))
+    return Task(env, pairs)
+
+
+def gpt_config(size, task):
+    return GPTConfig(n_layer=size.n_layer, n_head=size.n_head, n_embd=size.n_embd, vocab_size=task.vocab_size,
+                     block_size=CONTEXT, dropout=0.0)
+
+
+# ------------------------------------------------------------ minirlhf's side
+def minirlhf_models(algorithm, size, task, seed=0):
+    """(policy, reference, reward model or None), the reference a copy of the policy."""
+    minirlhf.manual_seed(seed)
+    cfg = gpt_config(size, task)
+    policy = GPT(cfg)
+    reference = GPT(cfg).load_state_dict(policy.state_dict())
+    if algorithm != "ppo":
+        return policy, reference, None
+    return with_value_head(policy), reference, RewardModel(cfg)
+
+
+def minirlhf_train(algorithm, models, task, steps):
+    """``train(on_step_end)``: minirlhf's trainer for ``steps`` steps, calling back after each."""
+    policy, reference, reward_model = models
+    env = task.env
+    if algorithm == "grpo":
+        config = GRPOConfig(steps=steps, lr=LR, prompts_per_step=PROMPTS, group_size=GROUP, beta=BETA_KL, epochs=1,
+                            loss_type="grpo", scale="group", temperature=1.0, max_new_tokens=env.max_new_tokens)
+        return lambda end: train_grpo(policy, reference, env.train_prompts, env.rule_reward(), config, env.eos_id,
+                                      env.pad_id, log=lambda metrics: end(), progress=False)
+    if algorithm == "dpo":
+        config = DPOConfig(steps=steps, lr=LR, batch_size=PAIRS, beta=BETA_DPO, loss_type="sigmoid")
+        return lambda end: train_dpo(policy, reference, task.pairs, config, env.pad_id, log=lambda metrics: end(),
+                                     progress=False)
+    config = PPOConfig(steps=steps, lr=LR, prompts_per_step=PROMPTS * GROUP, epochs=1, minibatches=1, beta=BETA_KL,
+                       temperature=1.0, max_new_tokens=env.max_new_tokens)
+    return lambda end: train_ppo(policy, reference, reward_model, env.train_prompts, config, env.eos_id, env.pad_id,
+                                 log=lambda metrics: end(), progress=False)
+
+
+# ------------------------------------------------------------ TRL's side
+def trl_missing():
+    """None when TRL and what it needs import, else the message to show."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+        import trl  # noqa: F401
+        import datasets  # noqa: F401
+    except ImportError as e:
+        return (f"benchmarks/vs_trl.py: TRL's side needs trl, torch, transformers and datasets ({e}). "
+                "Install them with: pip install 'minirlhf[bench]'  (trl==1.16.0)")
+    return None
+
+
+def hf_tokenizer(tokenizer, folder):
+    """The task's BPE as a ``transformers`` tokenizer: the same vocab.json and merges.txt, the same
+    special tokens, <|im_end|> ending a turn and <|endoftext|> padding."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tokenizer.save(folder)
+    vocab, merges = models.BPE.read_file(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+    bpe = Tokenizer(models.BPE(vocab, merges))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=tokenizer.id_to_token[tokenizer.eos_id],
+                                   pad_token=tokenizer.id_to_token[tokenizer.pad_id])
+
+
+def check_same_ids(hf, task):
+    """TRL must see exactly the prompts minirlhf sees."""
+    for ids in task.env.train_prompts[:200]:
+        theirs = hf(task.env.tokenizer.decode(ids), add_special_tokens=False)["input_ids"]
+        if theirs != list(ids):
+            raise RuntimeError(f"the transformers tokenizer reads a prompt as {theirs}, minirlhf's as {list(ids)}")
+
+
+def hf_gpt2_folder(trunk, folder, task, head=None):
+    """Save minirlhf's GPT ``trunk`` as a transformers GPT-2 directory: a GPT2LMHeadModel, or with ``head``
+    (the reward model's last-token head) a GPT2ForSequenceClassification with one label."""
+    import torch
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+    cfg = trunk.config
+    hc = GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
+                    n_positions=cfg.block_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                    summary_first_dropout=0.0, layer_norm_epsilon=cfg.layer_norm_eps, activation_function="gelu_new",
+                    bos_token_id=task.env.eos_id, eos_token_id=task.env.eos_id, pad_token_id=task.env.pad_id,
+                    num_labels=1)
+    model = GPT2LMHeadModel(hc) if head is None else GPT2ForSequenceClassification(hc)
+    conv1d = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # HF's Conv1D stores (in, out)
+    state = {"transformer." + k: torch.from_numpy(np.ascontiguousarray(v.T) if k.endswith(conv1d) else v.copy())
+             for k, v in trunk.state_dict().items() if k.split(".")[0] in ("wte", "wpe", "h", "ln_f")}
+    if head is not None:
+        state["score.weight"] = torch.from_numpy(head.weight.data.reshape(1, -1).copy())
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"weights for transformers' GPT-2: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    model.save_pretrained(folder)
+    return folder
+
+
+def trl_settings(algorithm, steps, folder):
+    """TRL's config for one row: the batch and loss of minirlhf's side, and nothing TRL would add on top."""
+    from trl import DPOConfig as TRLDPOConfig
+    from trl import GRPOConfig as TRLGRPOConfig
+    from trl import RLOOConfig
+    common = dict(output_dir=folder, max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
+                  weight_decay=0.0, max_grad_norm=1.0, gradient_accumulation_steps=1, seed=0,
+                  gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, dataloader_num_workers=0,
+                  logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True)
+    if algorithm == "dpo":
+        return TRLDPOConfig(**common, per_device_train_batch_size=PAIRS, beta=BETA_DPO, loss_type=["sigmoid"],
+                            precompute_ref_log_probs=True, max_length=None)
+    on_policy = dict(per_device_train_batch_size=PROMPTS * GROUP, steps_per_generation=1, num_iterations=1,
+                     beta=BETA_KL, epsilon=0.2, temperature=1.0, top_p=1.0, top_k=0, max_completion_length=5,
+                     log_completions=False)
+    if algorithm == "grpo":
+        return TRLGRPOConfig(**common, **on_policy, num_generations=GROUP, loss_type="grpo", scale_rewards="group")
+    return RLOOConfig(**common, **on_policy, num_generations=2)
+
+
+def addition_reward(completions, a, b, **columns):
+    """The rule reward of the addition task (the same function minirlhf's side scores with)."""
+    return [rule_reward(text, Problem(x, y)) for text, x, y in zip(completions, a, b)]
+
+
+def trl_train(algorithm, models, task, steps, folder):
+    """``train(on_step_end)``: TRL's trainer for ``steps`` steps from minirlhf's weights, calling back after each."""
+    from datasets import Dataset
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import DPOTrainer, GRPOTrainer, RLOOTrainer
+    policy, _, reward_model = models
+    env = task.env
+    tokenizer = hf_tokenizer(env.tokenizer, os.path.join(folder, "tokenizer"))
+    check_same_ids(tokenizer, task)
+    model = hf_gpt2_folder(policy, os.path.join(folder, "policy"), task)
+    args = trl_settings(algorithm, steps, os.path.join(folder, "out"))
+    decode = env.tokenizer.decode
+    if algorithm == "dpo":
+        data = Dataset.from_dict({"prompt": [decode(p) for p, _, _ in task.pairs],
+                                  "chosen": [decode(c) for _, c, _ in task.pairs],
+                                  "rejected": [decode(r) for _, _, r in task.pairs]})
+    else:
+        data = Dataset.from_dict({"prompt": [decode(p) for p in env.train_prompts],
+                                  "a": [p.a for p in env.train], "b": [p.b for p in env.train]})
+
+    class StepEnd(TrainerCallback):
+        def __init__(self, end):
+            self.end = end
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.end()
+
+    def train(end):
+        kwargs = dict(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[StepEnd(end)])
+        if algorithm == "grpo":
+            trainer = GRPOTrainer(reward_funcs=[addition_reward], **kwargs)
+        elif algorithm == "dpo":
+            trainer = DPOTrainer(**kwargs)
+        else:
+            scorer = hf_gpt2_folder(reward_model.transformer, os.path.join(folder, "reward"), task,
+                                    head=reward_model.reward_head)
+            trainer = RLOOTrainer(reward_funcs=[scorer], reward_processing_classes=[tokenizer], **kwargs)
+        trainer.remove_callback(PrinterCallback)  # it prints the run's summary
+        trainer.train()
+    return train
+
+
+# ------------------------------------------------------------ timing
+class StepClock:
+    """The end-of-step callback of a side's process: it reports the step's wall time to the main process
+    and waits for the word to take the next step, whose clock starts then."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.start = None
+
+    def wait_for_go(self):
+        if self.conn.recv() != "go":
+            raise RuntimeError("the benchmark stopped this side early")
+        self.start = time.perf_counter()
+
+    def end_of_step(self):
+        self.conn.send(("step", time.perf_counter() - self.start))
+        self.wait_for_go()
+
+
+def side_process(conn, side, algorithm, size_name, steps):
+    """One side of one row in its own process: set up, say "ready", then one trainer step per "go"."""
+    try:
+        quiet_libraries()
+        task = addition_task()
+        models = minirlhf_models(algorithm, SIZES[size_name], task)
+        with tempfile.TemporaryDirectory() as folder:
+            train = (trl_train(algorithm, models, task, steps, folder) if side == "trl"
+                     else minirlhf_train(algorithm, models, task, steps))
+            clock = StepClock(conn)
+            conn.send(("ready", None))
+            clock.wait_for_go()
+            train(clock.end_of_step)
+        conn.send(("done", None))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+
+
+def quiet_libraries():
+    """No progress bars or notices from datasets and transformers between the steps."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        import datasets
+        import transformers
+    except ImportError:
+        return
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def receive(conn, expected, side):
+    kind, value = conn.recv()
+    if kind == "error":
+        raise RuntimeError(f"{side} side failed:\n{value}")
+    if kind != expected:
+        raise RuntimeError(f"{side} side: expected {expected!r}, got {kind!r}")
+    return value
+
+
+def measure(algorithm, size, task, steps, with_trl=True):
+    """One row: each side in its own process, ``steps`` timed steps after WARMUP untimed ones, the sides
+    taking turns one step at a time; times in ms."""
+    total = WARMUP + steps
+    names = ("minirlhf", "trl") if with_trl else ("minirlhf",)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch in minirlhf's process
+    pipes, processes = {}, []
+    try:
+        for name in names:
+            pipes[name], child = context.Pipe()
+            processes.append(context.Process(target=side_process, args=(child, name, algorithm, size.name, total),
+                                             daemon=True))
+            processes[-1].start()
+        for name in names:
+            receive(pipes[name], "ready", name)
+        times = {name: [] for name in names}
+        for i in range(total):
+            for name in names:
+                time.sleep(SETTLE)
+                pipes[name].send("go")
+                elapsed = receive(pipes[name], "step", name)
+                if i >= WARMUP:
+                    times[name].append(elapsed * 1e3)
+        for name in names:
+            pipes[name].send("go")  # past the last step: the trainer finishes its run
+            receive(pipes[name], "done", name)
+    finally:
+        for process in processes:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.terminate()
+    row = {"algorithm": algorithm, "size": size.name, "n_layer": size.n_layer, "n_head": size.n_head,
+           "n_embd": size.n_embd, "vocab_size": task.vocab_size, "context": CONTEXT, "warmup": WARMUP,
+           "steps": steps, "minirlhf_ms": times["minirlhf"],
+           "minirlhf_median_ms": statistics.median(times["minirlhf"])}
+    if with_trl:
+        row.update(trl_trainer=TRL_TRAINERS[algorithm], trl_ms=times["trl"],
+                   trl_median_ms=statistics.median(times["trl"]),
+                   ratio=statistics.median(times["minirlhf"]) / statistics.median(times["trl"]))
+    return row
+
+
+# ------------------------------------------------------------ the machine and the report
+def cpu_info():
+    """(model name, AVX-512 or not, cores) from /proc/cpuinfo where there is one."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return name, "avx512f" in flags, os.cpu_count()
+
+
+def machine():
+    name, avx512, cores = cpu_info()
+    info = {"cpu": name, "avx512": avx512, "cores": cores, "numpy": np.__version__,
+            "blas_threads": int(os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+                                or cores),
+            "load_average": list(os.getloadavg())}
+    try:
+        import torch
+        import transformers
+        import trl
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                    transformers=transformers.__version__, trl=trl.__version__)
+    except ImportError:
+        pass
+    return info
+
+
+def table(rows):
+    lines = ["| step | model | minirlhf | TRL | TRL trainer | ratio |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        size = SIZES[r["size"]]
+        trl_ms = f"{r['trl_median_ms']:.0f} ms" if "trl_median_ms" in r else "—"
+        ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "—"
+        lines.append(f"| {r['algorithm'].upper()} | {size.label} | {r['minirlhf_median_ms']:.0f} ms | {trl_ms} | "
+                     f"{'`' + r['trl_trainer'] + '`' if 'trl_trainer' in r else '—'} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES),
+                        help="model shapes, layers x width (default: all three)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"timed steps per side and row (default: {', '.join(f'{s.name}: {s.steps}' for s in SIZES.values())})")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows and the machine to PATH")
+    args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be a positive integer, got {args.steps}")
+    missing = trl_missing()
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
+
+    task = addition_task()
+    info = machine()
+    print(f"CPU: {info['cpu']} ({info['cores']} cores, AVX-512: {'yes' if info['avx512'] else 'no'}); "
+          f"load average {info['load_average'][0]:.2f}")
+    print(f"threads: NumPy BLAS {info['blas_threads']}, torch {info['torch_threads']}; numpy {info['numpy']}, "
+          f"torch {info['torch']}, transformers {info['transformers']}, trl {info['trl']}")
+    rows = []
+    for name in args.sizes:
+        size = SIZES[name]
+        for algorithm in ALGORITHMS:
+            rows.append(measure(algorithm, size, task, args.steps or size.steps))
+            r = rows[-1]
+            print(f"{algorithm:>4} {size.label:>8}: minirlhf {r['minirlhf_median_ms']:8.0f} ms, "
+                  f"TRL {r['trl_median_ms']:8.0f} ms, {r['ratio']:.2f}x", flush=True)
+    info["load_average_after"] = list(os.getloadavg())
+    print()
+    print(f"median of {', '.join(sorted({str(r['steps']) for r in rows}))} interleaved steps per side "
+          f"after {WARMUP} untimed; {info['cpu']}, {info['cores']} cores, AVX-512 "
+          f"{'yes' if info['avx512'] else 'no'}")
+    print()
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
