@@ -82,7 +82,7 @@ SIZES = {s.name: s for s in (Size("2x64", 2, 4, 64, 10),
 ALGORITHMS = ("grpo", "dpo", "ppo")
 TRL_TRAINERS = {"grpo": "GRPOTrainer", "dpo": "DPOTrainer", "ppo": "RLOOTrainer"}
 WARMUP = 2
-SETTLE = 0.0
+SETTLE = 0.2      # s between steps: idle BLAS and OpenMP threads spin a while after their last call, on the next side's time
 CONTEXT = 32
 LR = 1e-6         # small, so that the random policy keeps sampling full-length responses on both sides
 PROMPTS, GROUP = 16, 8
@@ -103,7 +103,7 @@ class Task:
         return self.env.tokenizer.vocab_size
 
 
-def addition_task(n_pairs=1024, seed=0):
+def addition_task(n_pairs=256, seed=0):
     env = AdditionEnvironment(TaskConfig(), seed=seed)
     rng = np.random.default_rng(seed)
     pairs = []
@@ -308,7 +308,7 @@ def side_process(conn, side, algorithm, size_name, steps):
             train = (trl_train(algorithm, models, task, steps, folder) if side == "trl"
                      else minirlhf_train(algorithm, models, task, steps))
             clock = StepClock(conn)
-            conn.send(("ready", None))
+            conn.send(("ready", task.vocab_size))
             clock.wait_for_go()
             train(clock.end_of_step)
         conn.send(("done", None))
@@ -338,7 +338,7 @@ def receive(conn, expected, side):
     return value
 
 
-def measure(algorithm, size, task, steps, with_trl=True):
+def measure(algorithm, size, steps, with_trl=True):
     """One row: each side in its own process, ``steps`` timed steps after WARMUP untimed ones, the sides
     taking turns one step at a time; times in ms."""
     total = WARMUP + steps
@@ -351,8 +351,7 @@ def measure(algorithm, size, task, steps, with_trl=True):
             processes.append(context.Process(target=side_process, args=(child, name, algorithm, size.name, total),
                                              daemon=True))
             processes[-1].start()
-        for name in names:
-            receive(pipes[name], "ready", name)
+        vocab_size = [receive(pipes[name], "ready", name) for name in names][0]
         times = {name: [] for name in names}
         for i in range(total):
             for name in names:
@@ -370,7 +369,7 @@ def measure(algorithm, size, task, steps, with_trl=True):
             if process.is_alive():
                 process.terminate()
     row = {"algorithm": algorithm, "size": size.name, "n_layer": size.n_layer, "n_head": size.n_head,
-           "n_embd": size.n_embd, "vocab_size": task.vocab_size, "context": CONTEXT, "warmup": WARMUP,
+           "n_embd": size.n_embd, "vocab_size": vocab_size, "context": CONTEXT, "warmup": WARMUP,
            "steps": steps, "minirlhf_ms": times["minirlhf"],
            "minirlhf_median_ms": statistics.median(times["minirlhf"])}
     if with_trl:
@@ -441,7 +440,6 @@ def main(argv=None):
         print(missing, file=sys.stderr)
         return 2
 
-    task = addition_task()
     info = machine()
     print(f"CPU: {info['cpu']} ({info['cores']} cores, AVX-512: {'yes' if info['avx512'] else 'no'}); "
           f"load average {info['load_average'][0]:.2f}")
@@ -451,7 +449,7 @@ def main(argv=None):
     for name in args.sizes:
         size = SIZES[name]
         for algorithm in ALGORITHMS:
-            rows.append(measure(algorithm, size, task, args.steps or size.steps))
+            rows.append(measure(algorithm, size, args.steps or size.steps))
             r = rows[-1]
             print(f"{algorithm:>4} {size.label:>8}: minirlhf {r['minirlhf_median_ms']:8.0f} ms, "
                   f"TRL {r['trl_median_ms']:8.0f} ms, {r['ratio']:.2f}x", flush=True)
