@@ -1,4 +1,4 @@
-"""Benchmark: GRPO, DPO and PPO steps of minirlhf against TRL's trainers, side by side on a CPU.
+"""Benchmark: GRPO, DPO, PPO and RLOO steps of minirlhf against TRL's trainers, side by side on a CPU.
 
 Both sides train the same random-init GPT-2-shaped model (minirlhf's GPT, and ``transformers``'
 GPT2LMHeadModel loaded with the same weights) on the addition task's prompts
@@ -11,22 +11,27 @@ float32, no dropout. A row is one step of each trainer, all the work between two
                                                           log π_ref (β = 0.04); one pass (num_iterations=1)
     DPO   train.dpo.train_dpo         DPOTrainer          64 pairs (chosen and rejected in one forward);
                                                           log π_ref precomputed before training
-    PPO   train.ppo.train_ppo         RLOOTrainer         128 samples of 5 new tokens; a reward model's score;
+    PPO   train.ppo.train_ppo         RLOOTrainer         128 samples of 5 new tokens (minirlhf: 128 prompts × 1,
+                                                          TRL: 64 × 2); a reward model's score;
+                                                          log π_ref (β = 0.04); one pass
+    RLOO  train.rloo.train_rloo       RLOOTrainer         16 prompts × 8 samples, 5 new tokens; rule reward;
                                                           log π_ref (β = 0.04); one pass
 
 TRL 1.x removed PPOTrainer (moved to trl.experimental in 1.10, deleted after), so the PPO row's peer
 is TRL's nearest on-policy trainer with a reference model and a reward model, RLOOTrainer, with
 k = 2 samples per prompt (its fewest) over 64 prompts. It has no value model: minirlhf's PPO step does
 more (a value head on the shared trunk, GAE, whitening, the value loss) and one extra forward pass
-(log π_old, V_old before the update), so that row is not like for like and says so.
+(log π_old, V_old before the update), so that row is not like for like. The RLOO row is: the same
+algorithm on both sides.
 
-Each step is the trainer's own loop, timed from outside: each trainer runs in a thread that stops
-at the end of every step (minirlhf: the ``log`` callback, after AdamW; TRL: a TrainerCallback's
-``on_step_end``, after optimizer and scheduler) and waits for the main thread to let it take the
-next one. A step's time is all its loop does in between: draw the batch, generate, score, log-probs,
-loss, backward, clip, AdamW. Steps alternate between the sides (minirlhf, TRL, minirlhf, ...), so
+Each step is the trainer's own loop, timed from inside: each side runs in a process of its own
+(spawned, so minirlhf's never imports torch) and stops at the end of every step (minirlhf: the
+``log`` callback, after AdamW; TRL: a TrainerCallback's ``on_step_end``, after the optimizer and
+scheduler) until the main process tells it to take the next one. A step's time runs from that word to
+the end of the step: all the loop does in between (draw the batch, generate, score, log-probs, loss,
+backward, clip, AdamW). The sides take turns one step at a time (minirlhf, TRL, minirlhf, ...), so
 drift in the machine's load hits both; the first ``WARMUP`` steps of each side (setup, the
-precomputed reference log-probs, first allocations) are not timed. Medians are reported.
+precomputed reference log-probs) are not timed. Medians are reported, with the load average.
 
 Threads: NumPy's BLAS and torch's intra-op pool each default to the core count; both are printed.
 TRL's settings that would add work minirlhf does not do are turned off and named in
@@ -61,6 +66,7 @@ from minirlhf.tokenizer import SPECIAL_TOKENS  # noqa: E402
 from minirlhf.train.dpo import DPOConfig, train_dpo  # noqa: E402
 from minirlhf.train.grpo import GRPOConfig, train_grpo  # noqa: E402
 from minirlhf.train.ppo import PPOConfig, train_ppo, with_value_head  # noqa: E402
+from minirlhf.train.rloo import RLOOConfig, train_rloo  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -79,9 +85,9 @@ class Size:
 SIZES = {s.name: s for s in (Size("2x64", 2, 4, 64, 10),
                              Size("4x256", 4, 4, 256, 6),
                              Size("12x768", 12, 12, 768, 3))}  # GPT-2 small's trunk: few steps, TRL's take seconds
-ALGORITHMS = ("grpo", "dpo", "ppo")
-TRL_TRAINERS = {"grpo": "GRPOTrainer", "dpo": "DPOTrainer", "ppo": "RLOOTrainer"}
-WARMUP = 2
+ALGORITHMS = ("grpo", "dpo", "ppo", "rloo")
+TRL_TRAINERS = {"grpo": "GRPOTrainer", "dpo": "DPOTrainer", "ppo": "RLOOTrainer", "rloo": "RLOOTrainer"}
+WARMUP = 1         # untimed steps per side: the first builds the trainer (and DPO's reference log-probs)
 SETTLE = 0.2      # s between steps: idle BLAS and OpenMP threads spin a while after their last call, on the next side's time
 CONTEXT = 32
 LR = 1e-6         # small, so that the random policy keeps sampling full-length responses on both sides
@@ -144,6 +150,11 @@ def minirlhf_train(algorithm, models, task, steps):
         config = DPOConfig(steps=steps, lr=LR, batch_size=PAIRS, beta=BETA_DPO, loss_type="sigmoid")
         return lambda end: train_dpo(policy, reference, task.pairs, config, env.pad_id, log=lambda metrics: end(),
                                      progress=False)
+    if algorithm == "rloo":
+        config = RLOOConfig(steps=steps, lr=LR, prompts_per_step=PROMPTS, group_size=GROUP, beta=BETA_KL,
+                            temperature=1.0, max_new_tokens=env.max_new_tokens)
+        return lambda end: train_rloo(policy, reference, env.train_prompts, env.rule_reward(), config, env.eos_id,
+                                      env.pad_id, log=lambda metrics: end(), progress=False)
     config = PPOConfig(steps=steps, lr=LR, prompts_per_step=PROMPTS * GROUP, epochs=1, minibatches=1, beta=BETA_KL,
                        temperature=1.0, max_new_tokens=env.max_new_tokens)
     return lambda end: train_ppo(policy, reference, reward_model, env.train_prompts, config, env.eos_id, env.pad_id,
@@ -216,7 +227,7 @@ def trl_settings(algorithm, steps, folder):
     """TRL's config for one row: the batch and loss of minirlhf's side, and nothing TRL would add on top."""
     from trl import DPOConfig as TRLDPOConfig
     from trl import GRPOConfig as TRLGRPOConfig
-    from trl import RLOOConfig
+    from trl import RLOOConfig as TRLRLOOConfig
     common = dict(output_dir=folder, max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
                   weight_decay=0.0, max_grad_norm=1.0, gradient_accumulation_steps=1, seed=0,
                   gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, dataloader_num_workers=0,
@@ -229,7 +240,7 @@ def trl_settings(algorithm, steps, folder):
                      log_completions=False)
     if algorithm == "grpo":
         return TRLGRPOConfig(**common, **on_policy, num_generations=GROUP, loss_type="grpo", scale_rewards="group")
-    return RLOOConfig(**common, **on_policy, num_generations=2)
+    return TRLRLOOConfig(**common, **on_policy, num_generations=2 if algorithm == "ppo" else GROUP)
 
 
 def addition_reward(completions, a, b, **columns):
@@ -270,6 +281,8 @@ def trl_train(algorithm, models, task, steps, folder):
             trainer = GRPOTrainer(reward_funcs=[addition_reward], **kwargs)
         elif algorithm == "dpo":
             trainer = DPOTrainer(**kwargs)
+        elif algorithm == "rloo":
+            trainer = RLOOTrainer(reward_funcs=[addition_reward], **kwargs)
         else:
             scorer = hf_gpt2_folder(reward_model.transformer, os.path.join(folder, "reward"), task,
                                     head=reward_model.reward_head)
@@ -317,7 +330,8 @@ def side_process(conn, side, algorithm, size_name, steps):
 
 
 def quiet_libraries():
-    """No progress bars or notices from datasets and transformers between the steps."""
+    """No progress bars or notices from TRL, datasets and transformers between the steps."""
+    os.environ["TQDM_DISABLE"] = "1"
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         import datasets
@@ -370,6 +384,7 @@ def measure(algorithm, size, steps, with_trl=True):
                 process.terminate()
     row = {"algorithm": algorithm, "size": size.name, "n_layer": size.n_layer, "n_head": size.n_head,
            "n_embd": size.n_embd, "vocab_size": vocab_size, "context": CONTEXT, "warmup": WARMUP,
+           "load_average": os.getloadavg()[0],
            "steps": steps, "minirlhf_ms": times["minirlhf"],
            "minirlhf_median_ms": statistics.median(times["minirlhf"])}
     if with_trl:
@@ -452,17 +467,16 @@ def main(argv=None):
             rows.append(measure(algorithm, size, args.steps or size.steps))
             r = rows[-1]
             print(f"{algorithm:>4} {size.label:>8}: minirlhf {r['minirlhf_median_ms']:8.0f} ms, "
-                  f"TRL {r['trl_median_ms']:8.0f} ms, {r['ratio']:.2f}x", flush=True)
-    info["load_average_after"] = list(os.getloadavg())
+                  f"TRL {r['trl_median_ms']:8.0f} ms, {r['ratio']:.2f}x (load {r['load_average']:.1f})", flush=True)
+            if args.json:  # after every row, so that a long run stopped early keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump({"machine": info, "rows": rows}, f, indent=1)
     print()
     print(f"median of {', '.join(sorted({str(r['steps']) for r in rows}))} interleaved steps per side "
           f"after {WARMUP} untimed; {info['cpu']}, {info['cores']} cores, AVX-512 "
           f"{'yes' if info['avx512'] else 'no'}")
     print()
     print(table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "rows": rows}, f, indent=1)
     return 0
 
 

@@ -27,7 +27,7 @@ def trl_or_skip(vs_trl):
         pytest.skip(f"TRL's side: {missing}")
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "dpo", "ppo"])
+@pytest.mark.parametrize("algorithm", ["grpo", "dpo", "ppo", "rloo"])
 def test_minirlhf_side_times_one_step_at_the_tiny_size(vs_trl, algorithm):
     row = vs_trl.measure(algorithm, vs_trl.SIZES["2x64"], steps=1, with_trl=False)
     assert row["algorithm"] == algorithm and (row["n_layer"], row["n_embd"]) == (2, 64)
