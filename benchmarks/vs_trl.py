@@ -433,9 +433,9 @@ def table(rows):
     lines = ["| step | model | minirlhf | TRL | TRL trainer | ratio |", "|---|---|---|---|---|---|"]
     for r in rows:
         size = SIZES[r["size"]]
-        trl_ms = f"{r['trl_median_ms']:.0f} ms" if "trl_median_ms" in r else "—"
+        trl_ms = f"{r['trl_median_ms']:,.0f} ms" if "trl_median_ms" in r else "—"
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "—"
-        lines.append(f"| {r['algorithm'].upper()} | {size.label} | {r['minirlhf_median_ms']:.0f} ms | {trl_ms} | "
+        lines.append(f"| {r['algorithm'].upper()} | {size.label} | {r['minirlhf_median_ms']:,.0f} ms | {trl_ms} | "
                      f"{'`' + r['trl_trainer'] + '`' if 'trl_trainer' in r else '—'} | {ratio} |")
     return "\n".join(lines)
 
