@@ -84,11 +84,11 @@ class Size:
 
 SIZES = {s.name: s for s in (Size("2x64", 2, 4, 64, 10),
                              Size("4x256", 4, 4, 256, 6),
-                             Size("12x768", 12, 12, 768, 3))}  # GPT-2 small's trunk: few steps, TRL's take seconds
+                             Size("12x768", 12, 12, 768, 3))}  # GPT-2 small's trunk: its steps take a minute here
 ALGORITHMS = ("grpo", "dpo", "ppo", "rloo")
 TRL_TRAINERS = {"grpo": "GRPOTrainer", "dpo": "DPOTrainer", "ppo": "RLOOTrainer", "rloo": "RLOOTrainer"}
-WARMUP = 1         # untimed steps per side: the first builds the trainer (and DPO's reference log-probs)
-SETTLE = 0.2      # s between steps: idle BLAS and OpenMP threads spin a while after their last call, on the next side's time
+WARMUP = 1        # untimed steps per side: the first builds the trainer (and DPO's reference log-probs)
+SETTLE = 0.2      # s between steps: idle BLAS and OpenMP threads spin a while, on the next side's clock
 CONTEXT = 32
 LR = 1e-6         # small, so that the random policy keeps sampling full-length responses on both sides
 PROMPTS, GROUP = 16, 8
@@ -169,8 +169,9 @@ def trl_missing():
         import transformers  # noqa: F401
         import trl  # noqa: F401
         import datasets  # noqa: F401
+        import tokenizers  # noqa: F401
     except ImportError as e:
-        return (f"benchmarks/vs_trl.py: TRL's side needs trl, torch, transformers and datasets ({e}). "
+        return (f"benchmarks/vs_trl.py: TRL's side needs trl, torch, transformers, datasets and tokenizers ({e}). "
                 "Install them with: pip install 'minirlhf[bench]'  (trl==1.16.0)")
     return None
 
@@ -445,7 +446,8 @@ def main(argv=None):
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES),
                         help="model shapes, layers x width (default: all three)")
     parser.add_argument("--steps", type=int, default=None,
-                        help=f"timed steps per side and row (default: {', '.join(f'{s.name}: {s.steps}' for s in SIZES.values())})")
+                        help="timed steps per side and row (default: "
+                        + ", ".join(f"{s.name}: {s.steps}" for s in SIZES.values()) + ")")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows and the machine to PATH")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:

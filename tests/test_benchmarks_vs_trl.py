@@ -87,7 +87,7 @@ def test_trl_side_reads_the_same_ids_and_starts_from_the_same_weights(vs_trl, tm
     np.testing.assert_allclose(scores, last @ reward_model.reward_head.weight.data[0], rtol=1e-4, atol=1e-4)
 
 
-def test_one_grpo_row_against_trl(vs_trl, tmp_path, capsys):
+def test_one_grpo_row_against_trl(vs_trl):
     trl_or_skip(vs_trl)
     row = vs_trl.measure("grpo", vs_trl.SIZES["2x64"], steps=1)
     assert row["trl_trainer"] == "GRPOTrainer" and len(row["trl_ms"]) == 1 and row["trl_median_ms"] > 0
