@@ -16,7 +16,6 @@ is least squares over the training steps of each run (TRL's ``entropy`` and ``re
 The trainer reports the share of tokens where the clipped branch is taken (clip_ratio/region_mean);
 which bound it was, low or high, is not among GRPO's statistics, so it is not split here.
 """
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -51,10 +50,10 @@ def fit_entropy_law(entropy, reward):
     return float(-slope), float(b), float(1 - (residual ** 2).sum() / total) if total > 0 else 0.0
 
 
-def run(out, quick=False, seed=0, sft=None, progress=True, **overrides):
+def run(out, quick=False, seed=0, sft=None, progress=True, overwrite=False, **overrides):
     """Write ``out/results.json`` and ``out/entropy.png``; returns the results."""
     config = EntropyConfig(**{**(QUICK if quick else {}), **overrides})
-    os.makedirs(out, exist_ok=True)
+    report.prepare(out, overwrite)
     start = time.time()
     inputs = starting_point(out, seed, quick, sft, progress)
     env = inputs.env
