@@ -15,7 +15,7 @@ import pytest
 import minirlhf
 from minirlhf import backend, kernels
 from minirlhf.checkpoint import load_checkpoint, save_checkpoint
-from minirlhf.kernels import attention
+from minirlhf.kernels import attention, reference
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.optim import AdamW
 from minirlhf.sampling import generate
@@ -242,3 +242,19 @@ def test_head_stride_reads_views_with_evenly_spaced_heads_in_place_and_nothing_e
     assert attention.head_stride(buffer[:, :, :40, :16]) is None    # rows not contiguous
     assert attention.head_stride(buffer.astype(cp.float64)) is None
     assert attention.head_stride(buffer[:, :, 1:41]) is not None    # 1 row in: 128 bytes, still aligned
+
+
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["simt", "tf32x3"])
+def test_the_fused_forward_of_a_cache_slice_equals_it_on_a_contiguous_copy_bit_for_bit(cp, tensor_cores):
+    rng = np.random.default_rng(5)
+    B, H, T, S, capacity, D = 1, 2, 16, 70, 128, 32  # two key tiles, the second partial
+    q = rng.standard_normal((B, H, T, D)).astype(np.float32)
+    k_buffer, v_buffer = (rng.standard_normal((B, H, capacity, D)).astype(np.float32) for _ in range(2))
+    contiguous = attention.forward(cp.asarray(q), cp.asarray(k_buffer[:, :, :S].copy()),
+                                   cp.asarray(v_buffer[:, :, :S].copy()), is_causal=True, tensor_cores=tensor_cores)
+    in_place = attention.forward(cp.asarray(q), cp.asarray(k_buffer)[:, :, :S], cp.asarray(v_buffer[:, :, :S].copy()),
+                                 is_causal=True, tensor_cores=tensor_cores)
+    for got, want in zip(in_place, contiguous):
+        np.testing.assert_array_equal(got.get(), want.get())
+    want_out, _ = reference.attention_forward(q, k_buffer[:, :, :S], v_buffer[:, :, :S], None, True)
+    np.testing.assert_allclose(in_place[0].get(), want_out, rtol=0, atol=1e-5)
