@@ -16,12 +16,16 @@ import minirlhf
 from minirlhf import backend, kernels
 from minirlhf.checkpoint import load_checkpoint, save_checkpoint
 from minirlhf.kernels import attention, reference
-from minirlhf.model import GPT, GPTConfig
+from minirlhf.model import GPT, GPTConfig, RewardModel
 from minirlhf.optim import AdamW
 from minirlhf.sampling import generate
 from minirlhf.tensor import Tensor, no_grad
 from minirlhf.train.dpo import DPOConfig, train_dpo
 from minirlhf.train.grpo import GRPOConfig, train_grpo
+from minirlhf.train.ppo import PPOConfig, train_ppo, with_value_head
+from minirlhf.train.reward import RewardConfig, train_reward_model
+from minirlhf.train.rloo import RLOOConfig, train_rloo
+from minirlhf.train.sft import SFTConfig, train_sft
 
 from cuda_cpu import build, strict_cupy
 
@@ -143,6 +147,17 @@ def test_generation_with_the_kv_cache_on_cuda_gives_the_numpy_tokens_and_logprob
     assert copies == {"minirlhf.sampling.generate": 2}
 
 
+def test_generation_from_a_padded_device_batch_and_its_device_mask_equals_generation_from_the_lists(cp):
+    prompts = [[1, 2, 3], [4, 2]]
+    ids, mask = np.array([[1, 2, 3], [PAD, 4, 2]]), np.array([[1, 1, 1], [0, 1, 1]], dtype=np.float32)
+    model = tiny_gpt("cuda")
+    from_lists = generate(model, prompts, max_new_tokens=4, eos_id=EOS, pad_id=PAD, seed=1)
+    from_arrays = generate(model, cp.asarray(ids), max_new_tokens=4, eos_id=EOS, pad_id=PAD, seed=1,
+                           attention_mask=cp.asarray(mask))
+    for a, b in zip((from_lists.tokens, from_lists.logprobs), (from_arrays.tokens, from_arrays.logprobs)):
+        np.testing.assert_array_equal(a.get(), b.get())
+
+
 # Copies from the device to the host in one GRPO step (the loss math makes none):
 GRPO_STEP_COPIES = {
     "minirlhf.sampling.generate": 1,           # how many steps the longest response took (the rollout's width)
@@ -188,6 +203,55 @@ def test_a_dpo_step_on_cuda_gives_the_numpy_step_with_8_copies_to_the_host(cp):
     assert_same_metrics(history["cuda"], history["cpu"], rtol=1e-4)
     assert_same_weights(trained["cuda"], trained["cpu"], atol=1e-4)
     assert copies[1] == DPO_STEP_COPIES
+
+
+class FirstTokenRewardModel:
+    """A reward model on the rollout's device: +1 where the first response token (column 3) is GOOD."""
+
+    def __call__(self, ids, mask, response):
+        return Tensor((ids[:, 3] == GOOD).astype(np.float32))
+
+
+def other_trainer(name, device):
+    """Two steps of one more trainer on ``device``: (its history, its trained model)."""
+    pairs = [(p, [GOOD, 7, EOS], [GOOD + 1, 7, EOS]) for p in PROMPTS * 2]
+    if name == "sft":
+        model = tiny_gpt(device)
+        return train_sft(model, [(p, [GOOD, EOS]) for p in PROMPTS], SFTConfig(steps=2, lr=1e-2, batch_size=2), PAD,
+                         progress=False), model
+    if name == "reward":
+        model = RewardModel.from_gpt(tiny_gpt("cpu")).to(device)
+        return train_reward_model(model, pairs, RewardConfig(steps=2, lr=1e-2, batch_size=4), PAD,
+                                  progress=False), model
+    if name == "rloo":
+        model = tiny_gpt(device)
+        config = RLOOConfig(steps=2, lr=1e-2, prompts_per_step=2, group_size=2, max_new_tokens=3)
+        return train_rloo(model, tiny_gpt(device), PROMPTS, first_token_is_good, config, EOS, PAD,
+                          progress=False), model
+    model = with_value_head(tiny_gpt("cpu")).to(device)
+    # four AdamW steps: where a gradient is near 0 its rounding moves the step by up to lr, so lr is small
+    config = PPOConfig(steps=2, lr=1e-3, prompts_per_step=4, epochs=2, minibatches=2, max_new_tokens=3)
+    return train_ppo(model, tiny_gpt(device), FirstTokenRewardModel(), [PROMPTS[0]] * 4, config, EOS, PAD,
+                     progress=False), model
+
+
+@pytest.mark.parametrize("name", ["sft", "reward", "rloo", "ppo"])
+def test_every_other_trainer_on_cuda_gives_the_numpy_steps(cp, name):
+    (history, model), (cuda_history, cuda_model) = other_trainer(name, "cpu"), other_trainer(name, "cuda")
+    assert_same_metrics(cuda_history, history, rtol=1e-4)
+    assert_same_weights(weights(cuda_model), weights(model), atol=1e-4)
+
+
+def test_ppos_own_copies_to_the_host_do_not_grow_with_its_minibatches(cp):
+    def ppo_copies(minibatches):
+        config = PPOConfig(steps=2, lr=1e-3, prompts_per_step=4, epochs=2, minibatches=minibatches, max_new_tokens=3)
+        policy = with_value_head(tiny_gpt("cpu")).to("cuda")
+        cp.counts.reset()
+        return copies_per_step(cp, lambda log: train_ppo(policy, tiny_gpt("cuda"), FirstTokenRewardModel(),
+                                                         [PROMPTS[0]] * 4, config, EOS, PAD, log=log,
+                                                         progress=False))[1]["minirlhf.train.ppo.train_ppo"]
+    # the token counts once per step; the last minibatch's losses, the entropy and two token counts, for the log
+    assert ppo_copies(1) == ppo_copies(4) == 6
 
 
 def test_a_checkpoint_saved_from_gpu_tensors_loads_to_the_same_weights_and_adam_state(cp, tmp_path):

@@ -55,7 +55,7 @@ def rollout_metrics(rollout, rewards, group_size=None):
     frac_reward_zero_std     share of prompt groups whose G rewards are all equal (they get A = 0)
     completions/mean_length  mean response length in tokens (<|im_end|> included); also min and max
     """
-    rewards = np.asarray(rewards, dtype=np.float64)
+    rewards = to_numpy(rewards).astype(np.float64)
     lengths = to_numpy(rollout.lengths())
     metrics = {"reward": float(rewards.mean()), "reward_std": float(rewards.std())}
     if group_size is not None:
