@@ -12,7 +12,7 @@ CuPy's), this one holds the rest of the GPU path to CuPy's rules:
 * Every copy from the device to the host is counted, with the minirlhf function that made it:
   ``.get()``, ``cupy.asnumpy``, ``.item()``, ``.tolist()``, ``float()``/``int()``/``bool()`` of an
   array, printing one, and the ops whose result size is read back from the device before the
-  result exists (boolean-mask indexing, ``nonzero``, ``unique``, ``bincount``).
+  result exists (boolean-mask indexing, ``flatnonzero``, ``unique``, ``bincount``).
 * Every allocation of device memory is counted (an op whose result shares no memory with its
   inputs), with its size and the function that asked for it.
 * ``RawModule`` compiles the .cu sources for the CPU execution harness (``cuda_cpu.h``), so the
@@ -213,7 +213,7 @@ def _inplace(name):
 
 for _name, _ufunc in [("add", "add"), ("sub", "subtract"), ("mul", "multiply"), ("truediv", "true_divide"),
                       ("pow", "power"), ("matmul", "matmul"), ("and", "bitwise_and"), ("or", "bitwise_or"),
-                      ("xor", "bitwise_xor"), ("floordiv", "floor_divide"), ("mod", "remainder")]:
+                      ("floordiv", "floor_divide")]:
     setattr(ndarray, f"__{_name}__", _binary(_ufunc))
     setattr(ndarray, f"__r{_name}__", _binary(_ufunc, reflected=True))
     if _name != "matmul":
@@ -288,21 +288,19 @@ def _function(name, host_args=()):
     return on_device
 
 
-# the ufuncs and functions minirlhf calls on device arrays, by xp.<name> or through NumPy's dispatch
-_UFUNCS = ("add", "subtract", "multiply", "true_divide", "divide", "power", "matmul", "negative", "absolute",
-           "invert", "bitwise_and", "bitwise_or", "bitwise_xor", "floor_divide", "remainder", "less", "less_equal",
-           "greater", "greater_equal", "equal", "not_equal", "logical_and", "logical_or", "logical_not", "maximum",
-           "minimum", "exp", "expm1", "log", "log1p", "sqrt", "tanh", "sin", "cos", "sign", "isfinite", "isnan",
-           "abs")
-_FUNCTIONS = ("all", "any", "arange", "argmax", "broadcast_to", "clip", "concatenate", "cumsum", "empty",
-              "empty_like", "expand_dims", "full", "ix_", "mean", "moveaxis", "ndim", "ones", "ones_like", "repeat",
-              "sort", "split", "squeeze", "stack", "sum", "swapaxes", "take_along_axis", "where", "zeros",
-              "zeros_like", "ascontiguousarray", "max", "min", "amax", "amin", "diff", "pad", "array_split",
-              "reshape", "transpose")
+# what minirlhf calls on device arrays: xp.<name> in its source, the operators' ufuncs, and
+# np.concatenate (of device arrays, through NumPy's dispatch)
+_UFUNCS = ("add", "subtract", "multiply", "true_divide", "divide", "power", "matmul", "negative", "absolute", "abs",
+           "invert", "bitwise_and", "bitwise_or", "floor_divide", "less", "less_equal", "greater", "greater_equal",
+           "equal", "not_equal", "maximum", "minimum", "exp", "expm1", "log", "log1p", "sqrt", "tanh", "sin", "cos",
+           "sign", "isfinite")
+_FUNCTIONS = ("arange", "argmax", "ascontiguousarray", "broadcast_to", "clip", "concatenate", "cumsum", "empty",
+              "empty_like", "expand_dims", "full", "ix_", "moveaxis", "ones", "ones_like", "repeat", "sort", "split",
+              "squeeze", "stack", "swapaxes", "take_along_axis", "where", "zeros", "zeros_like")
 # the result's size is read back from the device before the result exists (a synchronising copy)
-_SIZE_FROM_DEVICE = ("nonzero", "flatnonzero", "argwhere", "unique", "bincount")
+_SIZE_FROM_DEVICE = ("flatnonzero", "unique", "bincount")
 
-FUNCTIONS = {name: _function(name, host_args=(1,) if name in ("split", "array_split") else ())
+FUNCTIONS = {name: _function(name, host_args=(1,) if name == "split" else ())
              for name in _UFUNCS + _FUNCTIONS}
 for _name in _SIZE_FROM_DEVICE:
     FUNCTIONS[_name] = (lambda f: functools.wraps(f)(lambda *a, **k: _read_back(f(*a, **k))))(_function(_name))
@@ -346,8 +344,8 @@ def _method(name):
     return method
 
 
-for _name in ("all", "any", "argmax", "astype", "copy", "cumsum", "max", "mean", "min", "reshape", "squeeze", "sum",
-              "transpose", "ravel", "view", "std", "clip", "swapaxes"):
+for _name in ("all", "any", "argmax", "astype", "clip", "copy", "cumsum", "max", "mean", "min", "prod", "ravel",
+              "repeat", "reshape", "squeeze", "std", "sum", "swapaxes", "transpose", "view"):
     setattr(ndarray, _name, _method(_name))
 
 
