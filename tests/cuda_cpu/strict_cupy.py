@@ -21,7 +21,10 @@ CuPy's), this one holds the rest of the GPU path to CuPy's rules:
 The math underneath is NumPy's, so a "cuda" run gives the NumPy path's numbers (the random
 generators are NumPy's too: real CuPy draws other numbers from the same seed).
 
-``install(monkeypatch)`` makes ``import cupy`` and ``import cupyx`` give this module for one test.
+``install(monkeypatch)`` makes ``import cupy`` and ``import cupyx`` give this module for one test;
+as a pytest plugin it plays the GPU for a whole session, so every "cuda" case of the suite runs on it:
+
+    PYTHONPATH=.:tests pytest -p cuda_cpu.strict_cupy --device cuda
 """
 import functools
 import os
@@ -411,3 +414,9 @@ def install(monkeypatch):
     monkeypatch.setattr(attention, "_shared_memory_limit",
                         functools.lru_cache(maxsize=None)(attention._shared_memory_limit.__wrapped__))
     return cupy
+
+
+def pytest_configure(config):
+    """Loaded with ``-p cuda_cpu.strict_cupy``: the stand-in is ``cupy`` for the whole session."""
+    import pytest
+    install(pytest.MonkeyPatch())
