@@ -119,7 +119,7 @@ def train_ppo(policy, reference, reward_model, prompts, config, eos_id, pad_id, 
                                                             clip_eps=config.clip_eps)
                 value_loss = losses.ppo_value_loss(values, old_values[rows], returns.data[rows], mb.mask,
                                                    clip_eps=config.value_clip)
-                weight = tokens[rows].sum() / tokens[minibatch].sum()  # both losses are token means
+                weight = float(tokens[rows].sum()) / float(tokens[minibatch].sum())  # both losses are token means
                 grad_norm = run.optimizer_step(policy_loss + config.vf_coef * value_loss, weight)
         kl = kl_metrics(old_logp, ref_logp, batch.mask)
         if config.adaptive_kl:
