@@ -102,6 +102,8 @@ def test_the_stand_in_refuses_implicit_conversion_and_host_operands_as_cupy_does
     assert isinstance(np.exp(x), cp.ndarray) and isinstance(np.concatenate([x, x]), cp.ndarray)
     assert isinstance(x.sum(), cp.ndarray) and x.sum().ndim == 0  # a reduction stays on the device
     assert cp.counts.device_to_host == []
+    y = cp.zeros_like(x)
+    assert np.multiply(x, 2, out=y) is y and cp.add(x, y, out=y) is y and y.get().tolist() == [[0, 3, 6], [9, 12, 15]]
 
 
 def test_every_way_back_to_the_host_is_counted_with_the_function_that_asked(cp):

@@ -180,6 +180,8 @@ class ndarray:
             return NotImplemented
         if not all(isinstance(x, (ndarray, np.ndarray) + _SCALAR_TYPES) for x in inputs):
             return NotImplemented
+        if "out" in kwargs:  # NumPy hands ``out`` over as a tuple; a ufunc of one output takes the array
+            (kwargs["out"],) = kwargs["out"]
         return FUNCTIONS[ufunc.__name__](*inputs, **kwargs)
 
     def __array_function__(self, func, types, args, kwargs):
@@ -281,11 +283,12 @@ def _function(name, host_args=()):
 
     @functools.wraps(numpy_function)
     def on_device(*args, **kwargs):
+        out = kwargs.get("out")
         args = [a if i in host_args else _operand(a) for i, a in enumerate(args)]
         kwargs = {k: _operand(v) for k, v in kwargs.items()}
-        if "out" in kwargs:
+        if out is not None:
             numpy_function(*args, **kwargs)
-            return
+            return out
         inputs = list(_host_arrays(args)) + list(_host_arrays(kwargs.values()))
         return _result(numpy_function(*args, **kwargs), inputs)
     return on_device
