@@ -161,7 +161,7 @@ def _prompt_batch(prompt_ids, attention_mask, pad_id):
                          f"got shape {ids.shape} dtype {ids.dtype}")
     if attention_mask is None:
         return ids, np.ones(ids.shape, dtype=np.float32)
-    mask = getattr(attention_mask, "data", attention_mask)
+    mask = backend.array_of(attention_mask)
     if tuple(mask.shape) != ids.shape:
         raise ValueError(f"generate: attention_mask has shape {tuple(mask.shape)}, prompt_ids {ids.shape}")
     real = backend.to_numpy(mask) != 0
