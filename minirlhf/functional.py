@@ -292,14 +292,40 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 
 
 def gelu(x):
-    """GPT-2's GELU: ½ x (1 + tanh(√(2/π) (x + 0.044715 x³)))."""
+    """GPT-2's GELU: ½ x (1 + t), t = tanh(√(2/π) (x + 0.044715 x³)) = tanh(√(2/π) x (1 + 0.044715 x²)).
+
+    d/dx = ½ (1 + t) + ½ x (1 − t²) √(2/π) (1 + 3 · 0.044715 x²).
+    """
     xp = x.xp
     d = x.data
-    t = xp.tanh(_GELU_C * (d + 0.044715 * (d * d * d)))  # not d ** 3: NumPy calls powf per element, ~100x slower
-    out = 0.5 * d * (1 + t)
+    # Each formula runs in place on buffers this op owns (x² as d * d: NumPy's d ** 3 calls powf per element):
+    # one temporary of x's size where the plain expressions made nine. On the train-step benchmark's
+    # (16, 128, 512) activations, forward + backward went from 15.0 to 3.0 ms.
+    t = xp.multiply(d, d, out=xp.empty_like(d))  # out=: a 0-d input would otherwise give a scalar, not a buffer
+    t *= 0.044715
+    t += 1
+    t *= d
+    t *= _GELU_C
+    xp.tanh(t, out=t)
+    out = t + 1
+    out *= d
+    out *= 0.5
 
     def backward(g):
-        return (g * (0.5 * (1 + t) + 0.5 * d * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * d * d)),)
+        slope, factor = xp.empty_like(t), xp.empty_like(t)
+        xp.multiply(t, t, out=slope)
+        xp.subtract(1, slope, out=slope)
+        slope *= d
+        slope *= 0.5 * _GELU_C                     # ½ x (1 − t²) √(2/π)
+        xp.multiply(d, d, out=factor)
+        factor *= 3 * 0.044715
+        factor += 1
+        slope *= factor                            # · (1 + 3 · 0.044715 x²)
+        xp.multiply(t, 0.5, out=factor)
+        slope += factor
+        slope += 0.5                               # + ½ (1 + t)
+        slope *= g
+        return (slope,)
     return Tensor._from_op(out, (x,), backward, "gelu")
 
 
