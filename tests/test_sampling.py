@@ -188,3 +188,13 @@ def test_sampler_logprobs_stay_exact_at_huge_logits():
     z64 = z32.astype(np.float64)
     want = z64[0, got[0]] - (np.log(np.exp(z64 + 1e4).sum()) - 1e4)
     np.testing.assert_allclose(got[1], want, rtol=1e-6)
+
+
+def test_a_batch_run_in_blocks_of_rows_samples_what_one_forward_samples(model, monkeypatch):
+    prompts = PROMPTS * 3
+    whole = generate(model, prompts, 8, seed=4, eos_id=7)
+    monkeypatch.setattr(minirlhf.sampling, "ROWS_PER_FORWARD", 2)  # 9 rows: blocks of 2, 2, 2, 2, 1
+    blocks = generate(model, prompts, 8, seed=4, eos_id=7)
+    np.testing.assert_array_equal(blocks.tokens, whole.tokens)
+    np.testing.assert_array_equal(blocks.mask, whole.mask)
+    np.testing.assert_allclose(blocks.logprobs, whole.logprobs, rtol=1e-5, atol=1e-6)
