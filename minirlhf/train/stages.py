@@ -165,7 +165,7 @@ QUICK = {
     "RewardConfig": {"steps": 400, "batch_size": 32},
     "PPOConfig": {"steps": 50, "prompts_per_step": 64},
     "GRPOConfig": {"steps": 80},
-    "DPOConfig": {"steps": 120, "lr": 1e-4, "batch_size": 32},
+    "DPOConfig": {"steps": 120, "batch_size": 32},
     "RLOOConfig": {"steps": 80},
 }
 
