@@ -23,7 +23,7 @@ from .tensor import no_grad
 
 
 # rows in one forward pass: bounds the activations of a large batch (the demo samples 24,000 preference-pair
-# prompts at once: 2.0 GB in one pass, 0.5 GB in blocks of 4096); each block keeps its own KV cache
+# rows at once: 2.0 GB at the peak in one pass, 0.7 GB in blocks of 4096, most of it the KV caches, one per block)
 ROWS_PER_FORWARD = 4096
 
 
