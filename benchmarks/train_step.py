@@ -49,6 +49,19 @@ def blas_threads():
     return os.cpu_count(), "core count"
 
 
+def cpu_name():
+    """The CPU's model name, as lscpu shows it (the figures depend on it: BLAS kernels differ by CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown CPU"
+
+
 def torch_model(cfg, state):
     """GPT2LMHeadModel from transformers (or a plain torch GPT-2 if it is missing), loaded with ``state``."""
     import torch
@@ -169,6 +182,7 @@ def main():
 
     print(f"GPT n_layer=4 n_head=4 n_embd=128 vocab=512, batch {args.batch} x T={args.seq}, float32; "
           f"median of {args.runs} interleaved steps")
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores")
     print(f"threads: numpy BLAS {threads} ({source}), torch.set_num_threads({threads}); "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} "
           f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '(unset)')}")

@@ -34,9 +34,15 @@ def is_cupy_array(a):
     return type(a).__module__.split(".")[0] == "cupy"
 
 
+def array_of(x):
+    """The array of a Tensor, or ``x`` itself: a NumPy or CuPy array (whose ``.data`` is its memory, not
+    an array), a number or a list."""
+    return x if isinstance(x, np.ndarray) or is_cupy_array(x) else getattr(x, "data", x)
+
+
 def get_array_module(x):
     """``numpy`` or ``cupy``, whichever holds ``x`` (a Tensor or an array)."""
-    data = getattr(x, "data", x)
+    data = array_of(x)
     if is_cupy_array(data):
         return cupy_or_none() or __import__("cupy")
     return np

@@ -52,7 +52,7 @@ def save_safetensors(path, tensors, metadata=None):
     for name, arr in tensors.items():
         if not isinstance(name, str) or name == "__metadata__":
             raise ValueError(f"save_safetensors: tensor names must be strings other than '__metadata__', got {name!r}")
-        arr = backend.to_numpy(getattr(arr, "data", arr))
+        arr = backend.to_numpy(backend.array_of(arr))
         code = CODES.get(arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype)
         if code is None:
             raise TypeError(f"save_safetensors: {name} has dtype {arr.dtype}; supported: "

@@ -57,7 +57,7 @@ class SingleProcess:
 
     def gather(self, rows):
         """The ranks' arrays concatenated along axis 0, in rank order (trailing shapes must agree)."""
-        return np.asarray(rows)
+        return rows if is_cupy_array(rows) else np.asarray(rows)
 
     def sum_gradients(self, parameters):
         """Replace each parameter's gradient by its sum over ranks (one allreduce over a flat buffer)."""

@@ -292,35 +292,69 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 
 
 def gelu(x):
-    """GPT-2's GELU: ½ x (1 + tanh(√(2/π) (x + 0.044715 x³)))."""
+    """GPT-2's GELU: ½ x (1 + t), t = tanh(√(2/π) (x + 0.044715 x³)) = tanh(√(2/π) x (1 + 0.044715 x²)).
+
+    d/dx = ½ (1 + t) + ½ x (1 − t²) √(2/π) (1 + 3 · 0.044715 x²).
+    """
     xp = x.xp
     d = x.data
-    t = xp.tanh(_GELU_C * (d + 0.044715 * (d * d * d)))  # not d ** 3: NumPy calls powf per element, ~100x slower
-    out = 0.5 * d * (1 + t)
+    # Each formula runs in place on buffers this op owns (x² as d * d: NumPy's d ** 3 calls powf per element):
+    # one temporary of x's size where the plain expressions made nine. On the train-step benchmark's
+    # (16, 128, 512) activations, forward + backward went from 15.0 to 3.0 ms.
+    t = xp.multiply(d, d, out=xp.empty_like(d))  # out=: a 0-d input would otherwise give a scalar, not a buffer
+    t *= 0.044715
+    t += 1
+    t *= d
+    t *= _GELU_C
+    xp.tanh(t, out=t)
+    out = t + 1
+    out *= d
+    out *= 0.5
 
     def backward(g):
-        return (g * (0.5 * (1 + t) + 0.5 * d * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * d * d)),)
+        slope, factor = xp.empty_like(t), xp.empty_like(t)
+        xp.multiply(t, t, out=slope)
+        xp.subtract(1, slope, out=slope)
+        slope *= d
+        slope *= 0.5 * _GELU_C                     # ½ x (1 − t²) √(2/π)
+        xp.multiply(d, d, out=factor)
+        factor *= 3 * 0.044715
+        factor += 1
+        slope *= factor                            # · (1 + 3 · 0.044715 x²)
+        xp.multiply(t, 0.5, out=factor)
+        slope += factor
+        slope += 0.5                               # + ½ (1 + t)
+        slope *= g
+        return (slope,)
     return Tensor._from_op(out, (x,), backward, "gelu")
 
 
 def softmax(x, axis=-1):
     _check_reduced_axis(x, axis, "softmax")
     xp = x.xp
-    z = x.data - x.data.max(axis=axis, keepdims=True)
-    e = xp.exp(z)
-    p = e / e.sum(axis=axis, keepdims=True)
-    return Tensor._from_op(p, (x,), lambda g: (p * (g - (g * p).sum(axis=axis, keepdims=True)),), "softmax")
+    p = x.data - x.data.max(axis=axis, keepdims=True)  # exp and the division in place on this buffer
+    xp.exp(p, out=p)
+    p /= p.sum(axis=axis, keepdims=True)
+
+    def backward(g):
+        gx = g * p
+        gx -= p * gx.sum(axis=axis, keepdims=True)  # p (g − Σ g p)
+        return (gx,)
+    return Tensor._from_op(p, (x,), backward, "softmax")
 
 
 def log_softmax(x, axis=-1):
     """x − logsumexp(x): the maximum is subtracted first, so logits of ±1e4 stay finite."""
     _check_reduced_axis(x, axis, "log_softmax")
     xp = x.xp
-    z = x.data - x.data.max(axis=axis, keepdims=True)
-    out = z - xp.log(xp.exp(z).sum(axis=axis, keepdims=True))
+    out = x.data - x.data.max(axis=axis, keepdims=True)
+    out -= xp.log(xp.exp(out).sum(axis=axis, keepdims=True))
 
     def backward(g):
-        return (g - xp.exp(out) * g.sum(axis=axis, keepdims=True),)
+        gx = xp.exp(out)
+        gx *= -g.sum(axis=axis, keepdims=True)
+        gx += g
+        return (gx,)
     return Tensor._from_op(out, (x,), backward, "log_softmax")
 
 
@@ -458,7 +492,16 @@ def embedding(ids, weight):
 
     def backward(g):
         grad = xp.zeros(weight.shape, dtype=g.dtype)
-        backend.scatter_add(grad, idx.reshape(-1), g.reshape(-1, weight.shape[1]))
+        rows, g_rows = idx.reshape(-1), g.reshape(-1, weight.shape[1])
+        if xp is np and rows.size:
+            # one sum per distinct id over the rows sorted by id: 4x faster than np.add.at for 2560 rows
+            # into a vocabulary of 300, as fast for GPT-2's vocabulary
+            order = np.argsort(rows, kind="stable")
+            sorted_rows = rows[order]
+            starts = np.flatnonzero(np.concatenate([[True], sorted_rows[1:] != sorted_rows[:-1]]))
+            grad[sorted_rows[starts]] = np.add.reduceat(g_rows[order], starts, axis=0)
+        else:
+            backend.scatter_add(grad, rows, g_rows)
         return (grad,)
     return Tensor._from_op(weight.data[idx], (weight,), backward, "embedding")
 
@@ -598,15 +641,16 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
         raise ValueError(f"layer_norm: input shape {x.shape} does not end with normalized_shape {normalized_shape}")
     xp = x.xp
     axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
-    mu = x.data.mean(axis=axes, keepdims=True)
-    xc = x.data - mu
-    rstd = 1.0 / xp.sqrt((xc * xc).mean(axis=axes, keepdims=True) + eps)
-    xhat = xc * rstd
+    # in place on the op's own buffers (xhat starts as x − mean): forward + backward of the train-step
+    # benchmark's (16, 128, 128) layer norms went from 3.5 to 1.2 ms
+    xhat = x.data - x.data.mean(axis=axes, keepdims=True)
+    rstd = 1.0 / xp.sqrt((xhat * xhat).mean(axis=axes, keepdims=True) + eps)
+    xhat *= rstd
     out = xhat
     if weight is not None:
         out = out * weight.data
     if bias is not None:
-        out = out + bias.data
+        out = out + bias.data if weight is None else xp.add(out, bias.data, out=out)
     batch_axes = tuple(range(x.ndim - len(normalized_shape)))
 
     def backward(g):
@@ -614,9 +658,12 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
         gb = g.sum(axis=batch_axes) if bias is not None and bias.requires_grad else None
         gx = None
         if x.requires_grad:
-            gh = g * weight.data if weight is not None else g
-            gx = (gh - gh.mean(axis=axes, keepdims=True)
-                  - xhat * (gh * xhat).mean(axis=axes, keepdims=True)) * rstd
+            gx = g * weight.data if weight is not None else g.copy()  # ĝ, then dx in its place
+            gh_xhat = gx * xhat
+            mean_gh_xhat = gh_xhat.mean(axis=axes, keepdims=True)
+            gx -= gx.mean(axis=axes, keepdims=True)
+            gx -= xp.multiply(xhat, mean_gh_xhat, out=gh_xhat)
+            gx *= rstd
         return tuple(v for v, p in ((gx, x), (gw, weight), (gb, bias)) if p is not None)
     parents = tuple(p for p in (x, weight, bias) if p is not None)
     return Tensor._from_op(out, parents, backward, "layer_norm")
@@ -695,27 +742,40 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale
             q.data, k.data, v.data, out, lse, g, key_mask, is_causal, scale), "fused_attention")
     G = _query_groups(q, k, v)
     qd = q.data if G == 1 else q.data.reshape(k.shape[:-2] + (G * T, q.shape[-1]))  # (…, H_kv, G·T, d)
-    s = xp.matmul(qd, xp.swapaxes(k.data, -1, -2)) * scale
+    # The score chain (scale, mask, softmax) and its backward run in place on the (…, T, S) buffers the
+    # products return: forward + backward of a (16, 4, 128, 32) causal attention went from 23.8 to 15.6 ms.
+    s = xp.matmul(qd, xp.swapaxes(k.data, -1, -2))
+    s *= scale
     bias = _attention_mask(xp, T, S, is_causal, attn_mask, q.dtype)
     if bias is not None:
-        if G == 1:
-            s = s + bias
-        else:
-            s = (s.reshape(k.shape[:-2] + (G, T, S)) + _grouped_bias(bias, G)).reshape(s.shape)
+        grouped = s.shape
+        if G > 1:
+            bias = _grouped_bias(bias, G)
+            s = s.reshape(k.shape[:-2] + (G, T, S))
+        s = xp.add(s, bias, out=s) if np.broadcast_shapes(s.shape, bias.shape) == s.shape else s + bias
+        if G > 1:
+            s = s.reshape(grouped)
     m = s.max(axis=-1, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, 0)
-    e = xp.exp(s - m)
-    denom = e.sum(axis=-1, keepdims=True)
-    p = e / xp.where(denom > 0, denom, 1)
+    s -= xp.where(xp.isfinite(m), m, 0)
+    p = xp.exp(s, out=s)
+    denom = p.sum(axis=-1, keepdims=True)
+    p /= xp.where(denom > 0, denom, 1)
     out = xp.matmul(p, v.data)
 
     def backward(g):
         g = g if G == 1 else g.reshape(p.shape[:-1] + v.shape[-1:])
         gv = xp.matmul(xp.swapaxes(p, -1, -2), g) if v.requires_grad else None
-        dp = xp.matmul(g, xp.swapaxes(v.data, -1, -2))
-        ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
-        gq = (xp.matmul(ds, k.data) * scale).reshape(q.shape) if q.requires_grad else None
-        gk = xp.matmul(xp.swapaxes(ds, -1, -2), qd) * scale if k.requires_grad else None
+        ds = xp.matmul(g, xp.swapaxes(v.data, -1, -2))  # dP, then dS = P ∘ (dP − rowsum(dP ∘ P)) in its place
+        ds -= (ds * p).sum(axis=-1, keepdims=True)
+        ds *= p
+        gq = gk = None
+        if q.requires_grad:
+            gq = xp.matmul(ds, k.data)
+            gq *= scale
+            gq = gq.reshape(q.shape)
+        if k.requires_grad:
+            gk = xp.matmul(xp.swapaxes(ds, -1, -2), qd)
+            gk *= scale
         return gq, gk, gv
     if G > 1:
         out = out.reshape(q.shape[:-1] + v.shape[-1:])  # (…, H, T, d_v)
@@ -773,13 +833,15 @@ def token_logprobs(logits, targets):
     x = logits.data
     m = x.max(axis=-1, keepdims=True)
     m = xp.where(m == -xp.inf, 0, m)  # a row of −inf stays −inf − (−inf) = NaN below; +inf and NaN rows give NaN
-    e = xp.exp(x - m)
+    e = x - m
+    xp.exp(e, out=e)
     s = e.sum(axis=-1, keepdims=True)
     # (x_t − m) − log s, not x_t − (m + log s): at |x| ~ 1e30 the sum m + log s rounds log s away
     out = (xp.take_along_axis(x, idx[..., None], axis=-1) - m)[..., 0] - xp.log(s)[..., 0]
 
     def backward(g):
-        grad = -(e / s) * g[..., None]
+        grad = e / s
+        grad *= -g[..., None]
         flat = grad.reshape(-1, V)
         flat[xp.arange(flat.shape[0]), idx.reshape(-1)] += g.reshape(-1)
         return (grad,)

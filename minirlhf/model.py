@@ -300,8 +300,8 @@ class RewardModel(nn.Module):
     response. A last-token head alone must check the answer again in its final layers, which a
     2-layer trunk does poorly: on the demo's pairs it stalled at 79% held-out pair accuracy after
     5,000 steps, where the per-token term reached 90% by 2,000 steps and 95% by 4,500 (the demo
-    uses 4,000; starting u from the LM head, or a log-softmax form that starts at log π_SFT(y|x),
-    did no better).
+    uses 2,500, with its cosine schedule ending there; starting u from the LM head, or a log-softmax
+    form that starts at log π_SFT(y|x), did no better).
 
     ``rm(ids, attention_mask, response_mask)`` → (B,). ``response_mask`` (B, T) marks the
     response tokens (1) that the first term sums over; without it every real token after a

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import losses
+from .backend import to_numpy
 from .padding import pad_batch
 from .sampling import generate
 
@@ -45,7 +46,7 @@ class Rollout:
 
     def responses(self):
         """Each row's response tokens (up to and including <|im_end|>) as a list."""
-        return [row[m > 0].tolist() for row, m in zip(np.asarray(self.tokens), np.asarray(self.mask))]
+        return [row[m > 0].tolist() for row, m in zip(to_numpy(self.tokens), to_numpy(self.mask))]
 
     def lengths(self):
         """Tokens in each response, (B,)."""

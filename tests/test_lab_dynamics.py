@@ -1,21 +1,35 @@
 """The lab's training-dynamics experiments at --quick size: each writes its results and figure, and
 the findings asserted here are the ones that hold robustly at that size (exact ones for ``kl``)."""
+import inspect
 import json
 import os
 
 import numpy as np
 import pytest
 
+from minirlhf.cli import main
 from minirlhf.lab import EXPERIMENTS
 
 EXACT = 1e-10
 
 
+@pytest.mark.parametrize("experiment", sorted(EXPERIMENTS))
+def test_every_experiment_takes_what_the_command_passes(experiment):
+    inspect.signature(EXPERIMENTS[experiment]).bind(out="x", quick=True, seed=0, progress=False, overwrite=False)
+
+
 @pytest.fixture(scope="module")
 def kl(tmp_path_factory):
+    """The kl experiment run as a user runs it, through ``minirlhf lab kl --quick``."""
     out = tmp_path_factory.mktemp("kl")
-    results = EXPERIMENTS["kl"](out=str(out), quick=True, seed=0)
-    return out, results
+    assert main(["lab", "kl", "--quick", "--out", str(out), "--overwrite", "--no-progress"]) == 0
+    return out, json.load(open(os.path.join(out, "results.json")))
+
+
+def test_a_finished_run_is_not_overwritten_without_overwrite(kl, capsys):
+    out = kl[0]
+    assert main(["lab", "kl", "--quick", "--out", str(out), "--no-progress"]) == 2
+    assert "is not empty" in capsys.readouterr().err and os.path.exists(os.path.join(out, "results.json"))
 
 
 def test_kl_writes_results_and_figure(kl):
@@ -128,9 +142,9 @@ def test_entropy_runs_record_entropy_reward_clipping_and_the_fit(entropy):
     assert set(runs) == {"ε_high=0.2, β=0.04", "ε_high=0.28, β=0.04", "ε_high=0.2, β=0", "ε_high=0.28, β=0"}
     for name, run in runs.items():
         assert all(h["entropy"] > 0 for h in run["history"]), name
-        assert 0 <= run["clip_fraction_mean"] <= 1
+        assert 0 <= run["high_mean"] + run["low_mean"] <= run["region_mean"] + 1e-6 <= 1 + 1e-6, name  # float32 shares
         assert all(np.isfinite(v) for v in run["fit"].values())
-    assert any(run["clip_fraction_mean"] > 0 for run in runs.values())  # two epochs per rollout: ρ leaves 1
+    assert any(run["region_mean"] > 0 for run in runs.values())  # two epochs per rollout: ρ leaves 1
 
 
 def test_entropy_law_fit_recovers_a_known_law():

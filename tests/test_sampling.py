@@ -188,3 +188,27 @@ def test_sampler_logprobs_stay_exact_at_huge_logits():
     z64 = z32.astype(np.float64)
     want = z64[0, got[0]] - (np.log(np.exp(z64 + 1e4).sum()) - 1e4)
     np.testing.assert_allclose(got[1], want, rtol=1e-6)
+
+
+def test_a_batch_run_in_blocks_of_rows_samples_what_one_forward_samples(model, monkeypatch):
+    prompts = PROMPTS * 3
+    whole = generate(model, prompts, 8, seed=4, eos_id=7)
+    monkeypatch.setattr(minirlhf.sampling, "ROWS_PER_FORWARD", 2)  # 9 rows: blocks of 2, 2, 2, 2, 1
+    blocks = generate(model, prompts, 8, seed=4, eos_id=7)
+    np.testing.assert_array_equal(blocks.tokens, whole.tokens)
+    np.testing.assert_array_equal(blocks.mask, whole.mask)
+    np.testing.assert_allclose(blocks.logprobs, whole.logprobs, rtol=1e-5, atol=1e-6)
+
+
+def test_repeated_prompts_sample_what_each_prompt_alone_samples(model):
+    """The prompt pass runs once per distinct prompt and is copied to its repeats; with a seed per row
+    every row must still sample what it samples alone."""
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[0]]
+    seeds = [11, 12, 13, 14, 15, 16]
+    batch = generate(model, prompts, 8, seed=seeds, eos_id=7)
+    for i, (p, s) in enumerate(zip(prompts, seeds)):
+        alone = generate(model, [p], 8, seed=[s], eos_id=7)
+        n = alone.tokens.shape[1]
+        np.testing.assert_array_equal(batch.tokens[i, :n], alone.tokens[0])
+        np.testing.assert_array_equal(batch.mask[i, :n], alone.mask[0])
+        np.testing.assert_allclose(batch.logprobs[i, :n], alone.logprobs[0], rtol=1e-4, atol=1e-5)

@@ -3,7 +3,8 @@ test_trainers.py: each option runs, does what it names, and a config refuses wha
 import numpy as np
 import pytest
 
-from minirlhf import losses
+from minirlhf import Tensor, losses
+from minirlhf.train import grpo as grpo_module
 from minirlhf.train.grpo import GRPOConfig, train_grpo
 from minirlhf.train.ppo import PPOConfig, train_ppo, with_value_head
 from test_trainers import EOS, PAD, PROMPTS, FirstTokenRewardModel, first_token_is_good, tiny_gpt
@@ -97,3 +98,27 @@ def test_grpo_config_refuses_what_its_losses_refuse(options, message):
 def test_ppo_config_refuses_an_unknown_rollout_correction():
     with pytest.raises(ValueError, match="PPOConfig: rollout_correction must be None or one of tis"):
         PPOConfig(rollout_correction="truncate")
+
+
+def test_grpo_old_logprobs_are_the_policy_at_the_rollout_in_every_epoch(monkeypatch):
+    """π_old is the first epoch's forward, detached (no step has been taken yet): the first ratio is
+    exactly 1, and later epochs keep that π_old while π moves."""
+    seen = []
+    real = losses.grpo_loss
+
+    def spy(logp, old_logp, *args, **kwargs):
+        if isinstance(logp, Tensor):  # not the config's check on a one-token batch
+            seen.append((logp.data.copy(), np.array(old_logp, copy=True)))
+        return real(logp, old_logp, *args, **kwargs)
+    monkeypatch.setattr(losses, "grpo_loss", spy)
+    forwards = []
+    real_forward = grpo_module.response_logprobs
+    monkeypatch.setattr(grpo_module, "response_logprobs", lambda *a, **k: forwards.append(1) or real_forward(*a, **k))
+    grpo(steps=1, epochs=3)
+    assert len(seen) == 3
+    assert len(forwards) == 3 + 1  # one per epoch and the reference's: π_old needs no pass of its own
+    (first_logp, first_old), *later = seen
+    np.testing.assert_array_equal(first_old, first_logp)
+    for logp, old in later:
+        np.testing.assert_array_equal(old, first_old)
+        assert np.abs(logp - first_logp).max() > 0

@@ -5,6 +5,9 @@
 // Memory layout: q, k, v, out, dq, dk, dv are contiguous row-major float32 arrays of shape
 // (BH, rows, D) (BH = batch × heads flattened); lse and delta are (BH, T); key_mask, when given,
 // is a (BH, S) uint8 array, 1 where a key may be attended (left padding). D is 32, 64 or 128.
+// The forward reads k and v with a head stride (k_stride, v_stride floats from one head's first
+// row to the next's; S·D when contiguous), so the first S positions of a longer KV-cache buffer
+// (B, H, capacity, D) are read where they are, with no copy.
 // Grouped-query attention: k and v may have fewer heads, BHkv = BH / group; query head bh reads
 // key/value head bh / group (heads are the innermost batch axis, so that is batch b, head h / group).
 //
@@ -37,7 +40,7 @@
 //   Q_i, dO_i tiles are copied (cp.async) while the current ones are used, where shared memory
 //   allows it (D <= 64).
 //
-// Scalars must be passed as np.int32 / np.float32 (the launcher does not check types).
+// Scalars must be passed as np.int32 / np.int64 (the strides) / np.float32 (the launcher does not check types).
 
 #define NEG_INF (__int_as_float(0xff800000))
 #define POS_INF (__int_as_float(0x7f800000))
@@ -225,7 +228,8 @@ __device__ __forceinline__ void attention_forward_block(const float* __restrict_
                                                         const float* __restrict__ v,
                                                         const unsigned char* __restrict__ key_mask,
                                                         float* __restrict__ out, float* __restrict__ lse, int T, int S,
-                                                        float scale, int causal) {
+                                                        long long k_stride, long long v_stride, float scale,
+                                                        int causal) {
     constexpr int LD = D + PAD;
     constexpr int TM = BLOCK_M / 8;   // query rows per thread: ty + 8·i
     constexpr int TN = BLOCK_N / 16;  // keys per thread: tx + 16·j
@@ -244,8 +248,8 @@ __device__ __forceinline__ void attention_forward_block(const float* __restrict_
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const int offset = S - T;
     const float* qb = q + (size_t)bh * T * D;
-    const float* kb = k + (size_t)kv_bh * S * D;
-    const float* vb = v + (size_t)kv_bh * S * D;
+    const float* kb = k + (size_t)kv_bh * k_stride;
+    const float* vb = v + (size_t)kv_bh * v_stride;
     const unsigned char* mb = key_mask ? key_mask + (size_t)bh * S : nullptr;
 
     // keys any row of this tile may see: causal tiles past the diagonal are skipped entirely
@@ -631,7 +635,8 @@ __device__ __forceinline__ void attention_forward_tc_block(const float* __restri
                                                            const float* __restrict__ v,
                                                            const unsigned char* __restrict__ key_mask,
                                                            float* __restrict__ out, float* __restrict__ lse, int T,
-                                                           int S, float scale, int causal) {
+                                                           int S, long long k_stride, long long v_stride,
+                                                           float scale, int causal) {
     constexpr int LD = D + PAD;
     constexpr int NT = BLOCK_N / 8;  // 8-key column tiles of S
     constexpr int NO = D / 8;        // 8-column tiles of the output
@@ -648,8 +653,8 @@ __device__ __forceinline__ void attention_forward_tc_block(const float* __restri
     const int row0 = 16 * warp;  // this warp's first row in the tile
     const int offset = S - T;
     const float* qb = q + (size_t)bh * T * D;
-    const float* kb = k + (size_t)kv_bh * S * D;
-    const float* vb = v + (size_t)kv_bh * S * D;
+    const float* kb = k + (size_t)kv_bh * k_stride;
+    const float* vb = v + (size_t)kv_bh * v_stride;
     const unsigned char* mb = key_mask ? key_mask + (size_t)bh * S : nullptr;
 
     int n_keys = S;
@@ -953,8 +958,9 @@ __device__ __forceinline__ void attention_backward_tc_block(const float* __restr
     extern "C" __global__ void __launch_bounds__(FWD_THREADS)                                                     \
     attention_forward_d##D(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, \
                            const unsigned char* __restrict__ key_mask, float* __restrict__ out,                   \
-                           float* __restrict__ lse, int T, int S, float scale, int causal) {                      \
-        attention_forward_block<D>(q, k, v, key_mask, out, lse, T, S, scale, causal);                             \
+                           float* __restrict__ lse, int T, int S, long long k_stride, long long v_stride,        \
+                           float scale, int causal) {                                                             \
+        attention_forward_block<D>(q, k, v, key_mask, out, lse, T, S, k_stride, v_stride, scale, causal);         \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(BWD_THREADS)                                                     \
     attention_backward_d##D(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,\
@@ -967,9 +973,9 @@ __device__ __forceinline__ void attention_backward_tc_block(const float* __restr
     extern "C" __global__ void __launch_bounds__(FWD_THREADS)                                                     \
     attention_forward_tc_d##D(const float* __restrict__ q, const float* __restrict__ k,                           \
                               const float* __restrict__ v, const unsigned char* __restrict__ key_mask,            \
-                              float* __restrict__ out, float* __restrict__ lse, int T, int S, float scale,        \
-                              int causal) {                                                                       \
-        attention_forward_tc_block<D>(q, k, v, key_mask, out, lse, T, S, scale, causal);                          \
+                              float* __restrict__ out, float* __restrict__ lse, int T, int S, long long k_stride, \
+                              long long v_stride, float scale, int causal) {                                      \
+        attention_forward_tc_block<D>(q, k, v, key_mask, out, lse, T, S, k_stride, v_stride, scale, causal);      \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(BWD_THREADS)                                                     \
     attention_backward_tc_d##D(const float* __restrict__ q, const float* __restrict__ k,                          \

@@ -24,7 +24,9 @@ q, k, v with the same batch axes and Hq a multiple of Hkv; at least ``MIN_QUERY_
 path's two small matrix products are the better kernel there); no mask, ``is_causal`` (aligned
 bottom-right), and/or a boolean key-padding mask that is the same for every query (shape
 (..., 1, S) or (S,), True = may attend) and broadcasts to q's batch axes without adding any.
-Rows that may attend nothing give zeros.
+Rows that may attend nothing give zeros. The forward reads k and v where they are when each head's
+rows are contiguous and the heads evenly spaced (:func:`head_stride`): a block of queries appended
+to a KV cache reads the cache's slice in place, not a copy of it per layer per call.
 
 Tensor cores (``tensor_cores=True``, sm_80+): the same passes with every matrix product on
 mma.sync.m16n8k8 TF32 tensor-core instructions, each product split in three (3xTF32: x = big +
@@ -143,6 +145,32 @@ def _as_rows(cp, x):
     return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
+def head_stride(x):
+    """Floats from one head's first row to the next's if the forward can read ``x`` (..., S, d) where it is
+    (float32, 16-byte aligned, each head's rows contiguous, heads evenly spaced), else None.
+
+    The first S positions of a KV-cache buffer (B, H, capacity, d) are such a view, heads capacity·d
+    floats apart: the forward reads the cache in place instead of copying it whole per layer per call.
+    """
+    if x.dtype != np.float32 or x.data.ptr % 16 or x.strides[-1] != 4 or x.strides[-2] != 4 * x.shape[-1]:
+        return None
+    axes = [(n, s // 4) for n, s in zip(x.shape[:-2], x.strides[:-2]) if n > 1]  # the batch axes that step
+    for (_, outer), (n, inner) in zip(axes, axes[1:]):
+        if outer != n * inner:
+            return None
+    stride = axes[-1][1] if axes else x.shape[-2] * x.shape[-1]
+    return stride if stride >= 0 and stride % 4 == 0 else None
+
+
+def _head_rows(cp, x):
+    """(x's memory, its head stride) as the forward reads keys or values: in place where it can, else a copy."""
+    stride = head_stride(x)
+    if stride is None:
+        x = _as_rows(cp, x)
+        stride = x.shape[-2] * x.shape[-1]
+    return x, np.int64(stride)
+
+
 def _key_mask_rows(cp, key_mask, batch, S):
     if key_mask is None:
         return _NULL
@@ -156,19 +184,21 @@ def _kernel_name(pass_name, d, tensor_cores):
 
 def forward(q, k, v, key_mask=None, is_causal=False, scale=None, tensor_cores=TENSOR_CORES):
     """out (..., Hq, T, d) and lse (..., Hq, T) of the fused forward; k, v (..., Hkv, S, d) with Hkv
-    dividing Hq; ``key_mask`` broadcastable to (..., Hq, S). ``tensor_cores``: the 3xTF32 kernels (sm_80+)."""
+    dividing Hq, read in place where :func:`head_stride` allows (a KV-cache slice), else copied first;
+    ``key_mask`` broadcastable to (..., Hq, S). ``tensor_cores``: the 3xTF32 kernels (sm_80+)."""
     import cupy as cp
     batch, (T, d), S = q.shape[:-2], q.shape[-2:], k.shape[-2]
     bh, group = math.prod(batch), heads_group(q, k)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    q3, k3, v3 = _as_rows(cp, q), _as_rows(cp, k), _as_rows(cp, v)
+    q3 = _as_rows(cp, q)
+    (k_rows, k_stride), (v_rows, v_stride) = _head_rows(cp, k), _head_rows(cp, v)
     out = cp.empty((bh, T, d), dtype=cp.float32)
     lse = cp.empty((bh, T), dtype=cp.float32)
     shared = forward_shared_bytes(d)
     kernel("attention.cu", _kernel_name("forward", d, tensor_cores), shared)(
         ((T + BLOCK_M - 1) // BLOCK_M, group, bh // group), (FWD_THREADS,),
-        (q3, k3, v3, _key_mask_rows(cp, key_mask, batch, S), out, lse,
-         np.int32(T), np.int32(S), np.float32(scale), np.int32(bool(is_causal))),
+        (q3, k_rows, v_rows, _key_mask_rows(cp, key_mask, batch, S), out, lse,
+         np.int32(T), np.int32(S), k_stride, v_stride, np.float32(scale), np.int32(bool(is_causal))),
         shared_mem=shared)
     return out.reshape(q.shape), lse.reshape(q.shape[:-1])
 

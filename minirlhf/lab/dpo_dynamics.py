@@ -13,7 +13,6 @@ train_dpo for each (loss, β) from the same start, with the trainer's own per-st
 ``eval_every`` steps, held-out samples scored by the gold score and the exact KL to the SFT model
 (train/evaluate.py), taken through the trainer's ``log`` hook.
 """
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -82,10 +81,10 @@ def summary(history, evaluations, window=10):
             "accuracy_end": float(np.mean([h["rewards/accuracies"] for h in history[-window:]]))}
 
 
-def run(out, quick=False, seed=0, sft=None, progress=True, **overrides):
+def run(out, quick=False, seed=0, sft=None, progress=True, overwrite=False, **overrides):
     """Write ``out/results.json`` and ``out/dpo_dynamics.png``; returns the results."""
     config = DPODynamicsConfig(**{**(QUICK if quick else {}), **overrides})
-    os.makedirs(out, exist_ok=True)
+    report.prepare(out, overwrite)
     start = time.time()
     inputs = starting_point(out, seed, quick, sft, progress)
     preferences = PreferenceConfig(**STAGE_QUICK["PreferenceConfig"]) if quick else PreferenceConfig(pair_prompts=1000)

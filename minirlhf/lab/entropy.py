@@ -13,10 +13,10 @@ clip allows; the KL term β·k3 to the SFT model (Shao et al. 2024, eq. 4) holds
 
 Clipping needs π ≠ π_old, so each rollout is optimised for ``epochs`` > 1 passes. The fit of R on e^H
 is least squares over the training steps of each run (TRL's ``entropy`` and ``reward``, per step).
-The trainer reports the share of tokens where the clipped branch is taken (clip_ratio/region_mean);
-which bound it was, low or high, is not among GRPO's statistics, so it is not split here.
+The trainer reports the share of tokens where the clipped branch is taken (clip_ratio/region_mean), and
+of those, the tokens held at the upper bound (ρ > 1 + ε_high, A > 0: clip_ratio/high_mean) and at the
+lower one (ρ < 1 − ε, A < 0: clip_ratio/low_mean).
 """
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -51,10 +51,10 @@ def fit_entropy_law(entropy, reward):
     return float(-slope), float(b), float(1 - (residual ** 2).sum() / total) if total > 0 else 0.0
 
 
-def run(out, quick=False, seed=0, sft=None, progress=True, **overrides):
+def run(out, quick=False, seed=0, sft=None, progress=True, overwrite=False, **overrides):
     """Write ``out/results.json`` and ``out/entropy.png``; returns the results."""
     config = EntropyConfig(**{**(QUICK if quick else {}), **overrides})
-    os.makedirs(out, exist_ok=True)
+    report.prepare(out, overwrite)
     start = time.time()
     inputs = starting_point(out, seed, quick, sft, progress)
     env = inputs.env
@@ -73,7 +73,8 @@ def run(out, quick=False, seed=0, sft=None, progress=True, **overrides):
         runs[name] = {"history": history, "fit": {"a": a, "b": b, "r2": r2, "ceiling_at_H0": b - a},
                       "entropy_start_end": [float(np.mean(entropy[:5])), float(np.mean(entropy[-5:]))],
                       "reward_start_end": [float(np.mean(reward[:5])), float(np.mean(reward[-5:]))],
-                      "clip_fraction_mean": float(np.mean([h["clip_ratio/region_mean"] for h in history]))}
+                      **{f"{key}_mean": float(np.mean([h[f"clip_ratio/{key}_mean"] for h in history]))
+                         for key in ("region", "low", "high")}}
     results = {"experiment": "entropy", "seed": seed, "quick": quick, "settings": asdict(config), "runs": runs}
     return report.finish(out, results, start, plot)
 
@@ -86,9 +87,12 @@ def plot(results, out):
     for i, (name, r) in enumerate(results["runs"].items()):
         h = r["history"]
         steps = [x["step"] for x in h]
-        for ax, key in zip(axes[:3], ("entropy", "reward", "clip_ratio/region_mean")):
+        for ax, key in zip(axes[:2], ("entropy", "reward")):
             ax.plot(steps, [x[key] for x in h], color=f"C{i}", label=name)
             ax.set(title=key, xlabel="step")
+        axes[2].plot(steps, [x["clip_ratio/high_mean"] for x in h], color=f"C{i}")
+        axes[2].plot(steps, [x["clip_ratio/low_mean"] for x in h], color=f"C{i}", linestyle=":")
+        axes[2].set(title="share of tokens clipped at 1 + ε_high (solid), at 1 − ε (dotted)", xlabel="step")
         H = np.array([x["entropy"] for x in h])
         axes[3].plot(H, [x["reward"] for x in h], ".", color=f"C{i}", alpha=0.5)
         grid = np.linspace(0, H.max(), 50)

@@ -27,7 +27,6 @@ from μ), and no weight at all (what a k3 term on an old rollout does) does not 
 
 Every number is averaged over ``draws`` random pairs (π, π_ref) of tabular policies.
 """
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -203,10 +202,10 @@ def value_sweep(lang, config, rng):
     return sweep
 
 
-def run(out, quick=False, seed=0, progress=True, **overrides):
+def run(out, quick=False, seed=0, progress=True, overwrite=False, **overrides):
     """Write ``out/results.json`` and ``out/kl_estimators.png``; returns the results."""
     config = KLConfig(**{**(QUICK if quick else {}), **overrides})
-    os.makedirs(out, exist_ok=True)
+    report.prepare(out, overwrite)
     start = time.time()
     rng = np.random.default_rng([seed, 14, 4])
     one_token = E.TabularLanguage(config.vocab_size, 1)

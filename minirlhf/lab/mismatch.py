@@ -20,7 +20,6 @@ On the exact testbed (exact.py) we compute, for a sampler μ ≠ π, the expecte
 per-sample variance of the plain, TIS (per token and per response) and full-IS estimators,
 against the exact ∇E_π[r].
 """
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -183,10 +182,10 @@ def exact_sweep(config, rng):
             for k, v in rows.items()}
 
 
-def run(out, quick=False, seed=0, sft=None, progress=True, **overrides):
+def run(out, quick=False, seed=0, sft=None, progress=True, overwrite=False, **overrides):
     """Write ``out/results.json`` and ``out/mismatch.png``; returns the results."""
     config = MismatchConfig(**{**(QUICK if quick else {}), **overrides})
-    os.makedirs(out, exist_ok=True)
+    report.prepare(out, overwrite)
     start = time.time()
     inputs = starting_point(out, seed, quick, sft, progress)
     results = {"experiment": "mismatch", "seed": seed, "quick": quick, "settings": asdict(config),

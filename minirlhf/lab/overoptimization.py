@@ -53,7 +53,7 @@ from ..train.reward import normalize_reward_model, pair_accuracy, pair_batch, sc
 from ..train.rloo import train_rloo
 from ..train.stages import STAGES, Inputs, prepare_out, run_stage, stage_settings, write_json
 from ..validation import is_nonnegative, is_positive_int, require
-from .report import NO_MATPLOTLIB, markdown_table, pyplot
+from .report import NO_MATPLOTLIB, markdown_table, prepare, pyplot
 
 
 @dataclass
@@ -276,7 +276,7 @@ def run_overoptimization(out, quick=False, seed=0, progress=True, overwrite=Fals
     """
     stream = stream if stream is not None else sys.stdout
     config = OveroptimizationConfig(**{**(QUICK if quick else {}), **settings})
-    prepare_lab_out(out, overwrite)
+    prepare(out, overwrite)
     started, timings = time.time(), {}
 
     def say(text):
@@ -386,16 +386,6 @@ def gold_peak(k, bon, rl):
     return {"bon": max(b["gold"] for b in bon[k]),
             "rl": max(p["gold"] for r in rl if r["proxy"] == k and r["method"] in ("ppo", "grpo")
                       for p in r["points"])}
-
-
-def prepare_lab_out(out, overwrite):
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file; expected a folder")
-    entries = os.listdir(out) if os.path.isdir(out) else []
-    if entries and not overwrite:
-        raise ValueError(f"--out {out} is not empty (it holds {', '.join(sorted(entries)[:4])}); pass "
-                         "--overwrite to replace a previous run there, or choose another folder")
-    os.makedirs(out, exist_ok=True)
 
 
 # ------------------------------------------------------------------ figures and report

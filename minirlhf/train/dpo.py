@@ -22,7 +22,7 @@ from .run import PAIRS, Run, check_not_empty, draw_rows
 @dataclass
 class DPOConfig(TrainConfig):
     steps: int = 400
-    lr: float = 3e-4
+    lr: float = 1e-4
     batch_size: int = 64           # pairs per step
     beta: float = 0.5              # β: the KL weight; the implicit reward is β log π/π_ref
     loss_type: str = "sigmoid"     # sigmoid | ipo | hinge | robust | cdpo (see losses.dpo_loss)

@@ -17,8 +17,9 @@ losses.rollout_correction_weights of the trainer's π_old against the sampler's 
 whose rewards are all equal (DAPO).
 
 There is no value network: the group is the baseline. A group whose answers all score the same
-teaches nothing (A = 0) and only the KL term moves the policy there. With one epoch, π_old is the
-policy itself: its log-probs are the first forward's, detached, and need no pass of their own.
+teaches nothing (A = 0) and only the KL term moves the policy there. π_old is the policy as it was
+at the rollout, which is the policy of the first epoch's forward (no step has been taken yet): its
+log-probs are that forward's, detached, and need no pass of their own.
 """
 from dataclasses import dataclass
 
@@ -154,10 +155,7 @@ def train_grpo(policy, reference, prompts, reward_fn, config, eos_id, pad_id, ou
         if config.beta != 0:
             with no_grad():
                 ref_logp = response_logprobs(reference, mine).data
-        old_logp = None
-        if config.epochs > 1:
-            with no_grad():
-                old_logp = response_logprobs(policy, mine).data
+        old_logp = None  # the first epoch's log-probs: the policy has not moved since the rollout yet
         for _ in range(config.epochs):
             logp, entropy = response_logprobs(policy, mine, entropy=True)
             if old_logp is None:

@@ -4,6 +4,7 @@ one's formula, estimator and unit). One name means one quantity in every trainer
 import numpy as np
 
 from .. import losses
+from ..backend import to_numpy
 
 # name: (formula, estimator, unit) — the README's metric table is this dict
 METRICS = {
@@ -54,8 +55,8 @@ def rollout_metrics(rollout, rewards, group_size=None):
     frac_reward_zero_std     share of prompt groups whose G rewards are all equal (they get A = 0)
     completions/mean_length  mean response length in tokens (<|im_end|> included); also min and max
     """
-    rewards = np.asarray(rewards, dtype=np.float64)
-    lengths = np.asarray(rollout.lengths())
+    rewards = to_numpy(rewards).astype(np.float64)
+    lengths = to_numpy(rollout.lengths())
     metrics = {"reward": float(rewards.mean()), "reward_std": float(rewards.std())}
     if group_size is not None:
         groups = rewards.reshape(-1, group_size)

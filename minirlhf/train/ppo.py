@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import losses
+from ..backend import to_numpy
 from ..rollout import response_logprobs
 from ..tensor import no_grad
 from ..validation import is_number, is_positive, is_positive_int, require
@@ -108,6 +109,7 @@ def train_ppo(policy, reference, reward_model, prompts, config, eos_id, pad_id, 
             advantages = advantages * losses.rollout_correction_weights(old_logp, batch.logprobs, batch.mask,
                                                                         config.rollout_correction).data
         rng = step_rng(config.seed, step, MINIBATCHES)
+        tokens = to_numpy(batch.mask.sum(axis=1))  # read back once, not twice per minibatch
         for _ in range(config.epochs):
             for minibatch in np.array_split(rng.permutation(len(batch)), config.minibatches):
                 rows = minibatch[run.split(len(minibatch))]
@@ -117,7 +119,7 @@ def train_ppo(policy, reference, reward_model, prompts, config, eos_id, pad_id, 
                                                             clip_eps=config.clip_eps)
                 value_loss = losses.ppo_value_loss(values, old_values[rows], returns.data[rows], mb.mask,
                                                    clip_eps=config.value_clip)
-                weight = float(mb.mask.sum()) / float(batch.mask[minibatch].sum())  # both losses are token means
+                weight = float(tokens[rows].sum()) / float(tokens[minibatch].sum())  # both losses are token means
                 grad_norm = run.optimizer_step(policy_loss + config.vf_coef * value_loss, weight)
         kl = kl_metrics(old_logp, ref_logp, batch.mask)
         if config.adaptive_kl:

@@ -23,7 +23,7 @@ from .run import PAIRS, Run, check_not_empty, draw_rows
 
 @dataclass
 class RewardConfig(TrainConfig):
-    steps: int = 4000
+    steps: int = 2500
     lr: float = 1e-3
     min_lr: float = 1e-4
     batch_size: int = 64           # pairs per step

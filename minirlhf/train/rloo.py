@@ -59,7 +59,8 @@ def train_rloo(policy, reference, prompts, reward_fn, config, eos_id, pad_id, ou
         logp, entropy = response_logprobs(policy, mine, entropy=True)
         with no_grad():
             ref_logp = response_logprobs(reference, mine).data
-        returns = scores[rows] - config.beta * losses.response_kl(logp.data, ref_logp, mine.mask, "k1").data
+        kl = losses.response_kl(logp.data, ref_logp, mine.mask, "k1").data
+        returns = logp.xp.asarray(scores[rows]) - config.beta * kl  # the scores come from the host
         loss = losses.reinforce_loss(logp, returns, mine.mask, baseline="rloo", group_size=config.group_size)
         grad_norm = run.optimizer_step(loss, len(mine) / len(batch))
         run.end_step(step, {"loss": run.loss, **rollout_metrics(batch, scores, config.group_size),

@@ -162,10 +162,10 @@ STAGES = {s.name: s for s in (
 QUICK = {
     "TaskConfig": {"n_heldout": 100, "n_train_prompts": 1000},
     "PreferenceConfig": {"pair_prompts": 400, "pair_samples": 4, "pair_heldout_prompts": 100},
-    "RewardConfig": {"steps": 400, "batch_size": 32},
+    "RewardConfig": {"steps": 400},
     "PPOConfig": {"steps": 50, "prompts_per_step": 64},
     "GRPOConfig": {"steps": 80},
-    "DPOConfig": {"steps": 120, "lr": 1e-4, "batch_size": 32},
+    "DPOConfig": {"steps": 120, "batch_size": 32},
     "RLOOConfig": {"steps": 80},
 }
 

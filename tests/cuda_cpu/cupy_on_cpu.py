@@ -77,11 +77,18 @@ class RawKernel:
         self._launch.restype = ctypes.c_int
         self.max_dynamic_shared_size_bytes = DEFAULT_SHARED_BYTES
 
+    @staticmethod
+    def memory(a):
+        """The host array behind a device array argument, or None for any other argument."""
+        return a if isinstance(a, ndarray) else None
+
     def __call__(self, grid, block, args, shared_mem=0):
-        values = []
+        values, arrays = [], []
         for i, a in enumerate(args):
-            if isinstance(a, ndarray):
-                values.append(ctypes.c_void_p(a.ctypes.data))
+            memory = self.memory(a)
+            if memory is not None:
+                values.append(ctypes.c_void_p(memory.ctypes.data))
+                arrays.append(memory)
             elif isinstance(a, np.generic) and a.dtype in _SCALARS:
                 values.append(_SCALARS[a.dtype](a.item()))
             else:
@@ -90,7 +97,6 @@ class RawKernel:
         pointers = (ctypes.c_void_p * max(1, len(values)))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p)
                                                               for v in values])
         sizes = (ctypes.c_ulonglong * max(1, len(values)))(*[ctypes.sizeof(v) for v in values])
-        arrays = [a for a in args if isinstance(a, ndarray)]
         before = [a.copy() for a in arrays]
         results = []
         for schedule in (0,) if build.sanitizing() else (0, 1):
@@ -116,6 +122,8 @@ def _dims(d):
 class RawModule:
     """``cupy.RawModule(code=...)``: the source compiled for the CPU harness."""
 
+    kernel_type = RawKernel
+
     def __init__(self, code, options=()):
         path, self._names = build.build(code)
         self._library = ctypes.CDLL(str(path))
@@ -123,7 +131,7 @@ class RawModule:
     def get_function(self, name):
         if name not in self._names:
             raise AttributeError(f"no __global__ function {name!r} in the module")
-        return RawKernel(self._library, name)
+        return self.kernel_type(self._library, name)
 
 
 def _runtime():
