@@ -118,7 +118,7 @@ def plot(results, out):
                                    "reward (share correct)")):
             values = np.array([np.nan if s[key] is None else s[key] for s in r["steps"]])
             ax.plot(steps, values, color=f"C{i}", alpha=0.35)
-            if len(values) >= 5:
+            if len(values) >= 5 and np.isfinite(values).any():  # a run with no right response has no curve
                 smooth = np.convolve(np.nan_to_num(values, nan=np.nanmean(values)), np.ones(5) / 5, mode="valid")
                 ax.plot(steps[4:], smooth, color=f"C{i}", label=loss_type)
             ax.set(title=title, xlabel="GRPO step")
