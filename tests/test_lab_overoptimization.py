@@ -157,3 +157,14 @@ def test_a_better_proxy_reaches_a_higher_gold_peak(quick_run):
     _, results = quick_run
     peaks = [max(p["gold_peak"].values()) for p in results["proxies"]]
     assert peaks[-1] > peaks[0], peaks
+
+
+def test_frontier_shares_count_the_points_below_best_of_n():
+    from minirlhf.lab.overoptimization import frontier_shares
+    bon = [{"kl": 0.0, "rule": 0.5}, {"kl": 1.0, "rule": 0.7}]  # best-of-n gains 0.2 per nat here
+    points = [{"kl": 0.0, "rule": 0.4}, {"kl": 0.5, "rule": 0.45}, {"kl": 0.5, "rule": 0.55}, {"kl": 2.0, "rule": 0.9}]
+    results = {"proxies": [{}, {}], "bon": [bon, bon],
+               "rl": [{"method": "ppo", "proxy": 1, "points": points},
+                      {"method": "grpo", "proxy": 0, "points": points}]}  # not the best proxy: not counted
+    # gains 0.05 (below 0.1) and 0.15 (above); KL 2.0 is beyond best-of-n's range
+    assert frontier_shares(results) == "ppo 1/2, grpo 0/0, rloo 0/0, dpo 0/0"

@@ -539,5 +539,26 @@ def findings(results):
                "growing like log n. Beirami et al. (2024) prove the formula is an upper bound and show this gap.")
     out.append("- Frontier: every method's rule reward against the same KL; RL points are checkpoints along "
                "training at several β, best-of-n is exact. Stiennon et al. (2020) and Gao et al. (2022) find "
-               "best-of-n more KL-efficient than RL; read the figure for whether this run agrees.")
+               "best-of-n more KL-efficient than RL. In this run, the share of each method's points (KL > 0, "
+               "within best-of-n's KL range) whose gain in rule reward over its own start is below best-of-n's "
+               "gain at the same KL (best proxy, interpolated): " + frontier_shares(results) + ".")
     return out
+
+
+def frontier_shares(results):
+    """'method below/points' for each RL method and DPO, against best-of-n with the best proxy."""
+    curve = results["bon"][-1]
+    kl, gain = [b["kl"] for b in curve], [b["rule"] - curve[0]["rule"] for b in curve]
+    shares = []
+    for method in ("ppo", "grpo", "rloo", "dpo"):
+        below = total = 0
+        for r in results["rl"]:
+            if r["method"] != method or r["proxy"] != len(results["proxies"]) - 1:
+                continue
+            start = r["points"][0]["rule"]
+            for p in r["points"][1:]:
+                if 0 < p["kl"] <= kl[-1]:
+                    total += 1
+                    below += p["rule"] - start < np.interp(p["kl"], kl, gain)
+        shares.append(f"{method} {below}/{total}")
+    return ", ".join(shares)
