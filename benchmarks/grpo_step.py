@@ -14,7 +14,6 @@ The machine's model name (lscpu) and the BLAS thread variables are printed with 
 import argparse
 import cProfile
 import os
-import platform
 import pstats
 import statistics
 import sys
@@ -29,20 +28,9 @@ import minirlhf  # noqa: E402
 from minirlhf.model import GPT, GPTConfig  # noqa: E402
 from minirlhf.tasks.environment import AdditionEnvironment, TaskConfig  # noqa: E402
 from minirlhf.train.grpo import GRPOConfig, train_grpo  # noqa: E402
+from train_step import cpu_name  # noqa: E402  (benchmarks/, this script's folder)
 
 WARMUP = 2
-
-
-def cpu_name():
-    """The CPU's model name, as lscpu shows it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main():
