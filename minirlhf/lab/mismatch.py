@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from .. import exact as E
+from ..losses import MAX_LOG_RATIO, rollout_correction_weights
 from ..rollout import response_logprobs, sample
 from ..tensor import Tensor, no_grad
 from . import report
@@ -47,9 +48,12 @@ QUICK = {"prompts": 40, "samples_per_prompt": 4, "draws": 20}
 
 
 def tis_weights(logp, sampler_logp, mask, cap):
-    """w_t = min(π(y_t)/μ(y_t), C) per token (detached, 0 under the mask); cap=None: the full ratio."""
-    ratio = np.exp(np.clip((np.asarray(logp) - np.asarray(sampler_logp)) * mask, -20.0, 20.0))
-    return (ratio if cap is None else np.minimum(ratio, cap)) * mask
+    """w_t = min(π(y_t)/μ(y_t), C) per token, 0 under the mask: ``losses.rollout_correction_weights``'s
+    "tis"; cap=None or ∞: the full ratio π/μ, which that function (a truncation) does not offer."""
+    mask = np.broadcast_to(np.asarray(mask, dtype=np.float64), np.shape(logp))
+    if cap is not None and cap < np.inf:
+        return rollout_correction_weights(logp, sampler_logp, mask, mode="tis", high=cap).data
+    return np.exp(np.clip((np.asarray(logp) - np.asarray(sampler_logp)) * mask, -MAX_LOG_RATIO, MAX_LOG_RATIO)) * mask
 
 
 # ----------------------------------------------------------- the GPT policy
