@@ -23,6 +23,7 @@ from ..tensor import no_grad
 from ..train.dpo import DPOConfig, pair_logprobs, train_dpo
 from ..train.evaluate import evaluate_policy
 from ..train.stages import QUICK as STAGE_QUICK
+from ..train.stages import prepare_folder
 from . import report
 from .starting_point import starting_point
 
@@ -84,7 +85,7 @@ def summary(history, evaluations, window=10):
 def run(out, quick=False, seed=0, sft=None, progress=True, overwrite=False, **overrides):
     """Write ``out/results.json`` and ``out/dpo_dynamics.png``; returns the results."""
     config = DPODynamicsConfig(**{**(QUICK if quick else {}), **overrides})
-    report.prepare(out, overwrite)
+    prepare_folder(out, overwrite, "lab run")
     start = time.time()
     inputs = starting_point(out, seed, quick, sft, progress)
     preferences = PreferenceConfig(**STAGE_QUICK["PreferenceConfig"]) if quick else PreferenceConfig(pair_prompts=1000)

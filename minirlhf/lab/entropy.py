@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..train.grpo import GRPOConfig, train_grpo
+from ..train.stages import prepare_folder
 from . import report
 from .starting_point import starting_point
 
@@ -54,7 +55,7 @@ def fit_entropy_law(entropy, reward):
 def run(out, quick=False, seed=0, sft=None, progress=True, overwrite=False, **overrides):
     """Write ``out/results.json`` and ``out/entropy.png``; returns the results."""
     config = EntropyConfig(**{**(QUICK if quick else {}), **overrides})
-    report.prepare(out, overwrite)
+    prepare_folder(out, overwrite, "lab run")
     start = time.time()
     inputs = starting_point(out, seed, quick, sft, progress)
     env = inputs.env

@@ -35,6 +35,7 @@ import numpy as np
 from .. import exact as E
 from .. import losses
 from ..tensor import Tensor
+from ..train.stages import prepare_folder
 from . import report
 
 ESTIMATORS = ("k1", "k2", "k3")
@@ -205,7 +206,7 @@ def value_sweep(lang, config, rng):
 def run(out, quick=False, seed=0, progress=True, overwrite=False, **overrides):
     """Write ``out/results.json`` and ``out/kl_estimators.png``; returns the results."""
     config = KLConfig(**{**(QUICK if quick else {}), **overrides})
-    report.prepare(out, overwrite)
+    prepare_folder(out, overwrite, "lab run")
     start = time.time()
     rng = np.random.default_rng([seed, 14, 4])
     one_token = E.TabularLanguage(config.vocab_size, 1)

@@ -30,6 +30,7 @@ from ..train.grpo import GRPOConfig, train_grpo
 from ..train.sft import SFTConfig, train_sft
 from ..train.stages import QUICK as STAGE_QUICK
 from ..train.stages import ModelConfig
+from ..train.stages import prepare_folder
 from . import report
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -79,7 +80,7 @@ def working_sft(env, config, seed, progress):
 def run(out, quick=False, seed=0, progress=True, overwrite=False, **overrides):
     """Write ``out/results.json`` and ``out/length.png``; returns the results."""
     config = LengthConfig(**{**(QUICK if quick else {}), **overrides})
-    report.prepare(out, overwrite)
+    prepare_folder(out, overwrite, "lab run")
     start = time.time()
     env = WorkingEnvironment(TaskConfig(**STAGE_QUICK["TaskConfig"]), seed, config.max_working)
     sft = working_sft(env, config, seed, progress)

@@ -29,6 +29,7 @@ from .. import exact as E
 from ..losses import MAX_LOG_RATIO, rollout_correction_weights
 from ..rollout import response_logprobs, sample
 from ..tensor import Tensor, no_grad
+from ..train.stages import prepare_folder
 from . import report
 from .starting_point import starting_point
 
@@ -189,7 +190,7 @@ def exact_sweep(config, rng):
 def run(out, quick=False, seed=0, sft=None, progress=True, overwrite=False, **overrides):
     """Write ``out/results.json`` and ``out/mismatch.png``; returns the results."""
     config = MismatchConfig(**{**(QUICK if quick else {}), **overrides})
-    report.prepare(out, overwrite)
+    prepare_folder(out, overwrite, "lab run")
     start = time.time()
     inputs = starting_point(out, seed, quick, sft, progress)
     results = {"experiment": "mismatch", "seed": seed, "quick": quick, "settings": asdict(config),

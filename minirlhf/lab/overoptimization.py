@@ -51,9 +51,9 @@ from ..train.grpo import train_grpo
 from ..train.ppo import train_ppo, with_value_head
 from ..train.reward import normalize_reward_model, pair_accuracy, pair_batch, score_rollout, train_reward_model
 from ..train.rloo import train_rloo
-from ..train.stages import STAGES, Inputs, prepare_out, run_stage, stage_settings, write_json
+from ..train.stages import STAGES, Inputs, prepare_folder, prepare_out, run_stage, stage_settings, write_json
 from ..validation import is_nonnegative, is_positive_int, require
-from .report import NO_MATPLOTLIB, markdown_table, prepare, pyplot
+from .report import NO_MATPLOTLIB, markdown_table, pyplot
 
 
 @dataclass
@@ -276,7 +276,7 @@ def run_overoptimization(out, quick=False, seed=0, progress=True, overwrite=Fals
     """
     stream = stream if stream is not None else sys.stdout
     config = OveroptimizationConfig(**{**(QUICK if quick else {}), **settings})
-    prepare(out, overwrite)
+    prepare_folder(out, overwrite, "lab run")
     started, timings = time.time(), {}
 
     def say(text):

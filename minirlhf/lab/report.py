@@ -19,17 +19,6 @@ def pyplot():
     return plt
 
 
-def prepare(out, overwrite):
-    """Make the folder ``out``; a folder that already holds files is refused unless ``overwrite``."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file; expected a folder")
-    entries = os.listdir(out) if os.path.isdir(out) else []
-    if entries and not overwrite:
-        raise ValueError(f"--out {out} is not empty (it holds {', '.join(sorted(entries)[:4])}); pass "
-                         "--overwrite to replace a previous run there, or choose another folder")
-    os.makedirs(out, exist_ok=True)
-
-
 def markdown_table(header, rows):
     """A markdown table; floats printed with 3 decimals."""
     def cell(v):

@@ -24,7 +24,7 @@ from dataclasses import asdict
 
 from ..distributed import world
 from ..tasks.environment import AdditionEnvironment
-from .stages import STAGES, Inputs, prepare_out, run_stage, stage_settings, write_json
+from .stages import STAGES, Inputs, prepare_folder, prepare_out, run_stage, stage_settings, write_json
 
 POLICY_STAGES = ("sft", "ppo", "grpo", "dpo", "rloo")
 
@@ -35,7 +35,7 @@ KL_ESTIMATOR = ("exact per-token KL(pi || pi_sft) over the vocabulary, summed ov
 def run_demo(out="minirlhf-demo", quick=False, seed=0, progress=True, stream=None, overwrite=False):
     """Run every stage, write ``out/results.json`` (and a plot if matplotlib is there); return the results."""
     stream = stream if stream is not None else sys.stdout
-    prepare_demo_out(out, overwrite)
+    prepare_folder(out, overwrite, "demo")
     started = time.time()
     histories, stages, timings, settings = {}, {}, {}, {}
     inputs = None
@@ -59,20 +59,6 @@ def run_demo(out="minirlhf-demo", quick=False, seed=0, progress=True, stream=Non
         stream.write(format_table(results) + "\n")
         stream.write(save_plot(histories, os.path.join(out, "training.png")) + "\n")
     return results
-
-
-def prepare_demo_out(out, overwrite):
-    """The demo's folder: new, empty, or (with ``overwrite``) a previous demo's, whose stage folders it replaces."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file; expected a folder")
-    entries = os.listdir(out) if os.path.isdir(out) else []
-    if entries and not overwrite:
-        raise ValueError(f"--out {out} is not empty (it holds {', '.join(sorted(entries)[:4])}...); pass "
-                         "--overwrite to replace a previous demo there, or choose another folder")
-    world().barrier()  # every rank has looked at the folder before rank 0 makes it
-    if world().rank == 0:
-        os.makedirs(out, exist_ok=True)
-    world().barrier()
 
 
 def format_table(results):

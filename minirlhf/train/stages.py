@@ -187,6 +187,21 @@ def stage_settings(stage, quick=False, file_values=None, flags=None, inherited=N
 RUN_FILES = ("run.json", "metrics.jsonl", "checkpoint", "model", "tokenizer", "eval.json")
 
 
+def prepare_folder(out, overwrite, what):
+    """The folder of a demo or a lab experiment (``what`` names it in the error): new, empty, or (with
+    ``overwrite``) a previous one, whose files the run replaces."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file; expected a folder")
+    entries = os.listdir(out) if os.path.isdir(out) else []
+    if entries and not overwrite:
+        raise ValueError(f"--out {out} is not empty (it holds {', '.join(sorted(entries)[:4])}...); pass "
+                         f"--overwrite to replace a previous {what} there, or choose another folder")
+    world().barrier()  # every rank has looked at the folder before rank 0 makes it
+    if world().rank == 0:
+        os.makedirs(out, exist_ok=True)
+    world().barrier()
+
+
 def prepare_out(out_dir, stage_name, resume=False, overwrite=False, reads=()):
     """Make ``out_dir`` ready for a run of ``stage_name``, refusing to destroy another run.
 
