@@ -84,8 +84,34 @@ def scatter_add(target, index, values):
     if is_cupy_array(target):
         import cupyx
         cupyx.scatter_add(target, index, values)
+    elif isinstance(index, np.ndarray) and index.ndim == 1 and index.dtype.kind in "iu" and index.size:
+        _scatter_add_rows(target, index, values)
     else:
         np.add.at(target, index, values)
+
+
+def _scatter_add_rows(target, rows, values):
+    """``target[rows] += values`` along the first axis on NumPy, faster than np.add.at.
+
+    With the rows sorted, a row repeated at most 8 times (a shared prompt's keys read by a preference
+    pair or a GRPO group) takes one pass per repeat: pass k adds each row's k-th value, a fancy-index
+    add that is exact since no row repeats within it. Rows repeated more (an embedding's ids) take one
+    sum per row, np.add.reduceat over the sorted values. Measured: 128 readers of 64 rows 1088 wide,
+    2.2 ms (np.add.at) → 0.14 ms (passes; reduceat 1.2 ms); 2560 ids into 300 rows 64 wide, 1.9 ms →
+    0.33 ms (reduceat; passes 1.6 ms).
+    """
+    rows = np.where(rows < 0, rows + target.shape[0], rows)  # -1 and n − 1 are one row
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    starts = np.flatnonzero(np.concatenate([[True], sorted_rows[1:] != sorted_rows[:-1]]))
+    counts = np.diff(np.append(starts, len(rows)))
+    if counts.max() > 8:
+        target[sorted_rows[starts]] += np.add.reduceat(values[order], starts, axis=0)
+        return
+    rank = np.arange(len(rows)) - np.repeat(starts, counts)  # each value's place among its row's values
+    for k in range(counts.max()):
+        picked = order[rank == k]
+        target[rows[picked]] += values[picked]
 
 
 _generators = {}

@@ -492,16 +492,7 @@ def embedding(ids, weight):
 
     def backward(g):
         grad = xp.zeros(weight.shape, dtype=g.dtype)
-        rows, g_rows = idx.reshape(-1), g.reshape(-1, weight.shape[1])
-        if xp is np and rows.size:
-            # one sum per distinct id over the rows sorted by id: 4x faster than np.add.at for 2560 rows
-            # into a vocabulary of 300, as fast for GPT-2's vocabulary
-            order = np.argsort(rows, kind="stable")
-            sorted_rows = rows[order]
-            starts = np.flatnonzero(np.concatenate([[True], sorted_rows[1:] != sorted_rows[:-1]]))
-            grad[sorted_rows[starts]] = np.add.reduceat(g_rows[order], starts, axis=0)
-        else:
-            backend.scatter_add(grad, rows, g_rows)
+        backend.scatter_add(grad, idx.reshape(-1), g.reshape(-1, weight.shape[1]))
         return (grad,)
     return Tensor._from_op(weight.data[idx], (weight,), backward, "embedding")
 

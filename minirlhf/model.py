@@ -15,6 +15,8 @@ logits on its real tokens as the same row without padding.
 
 KV cache: decoding token by token, each layer appends the new keys and values to a
 :class:`KVCache` and attends over all of them; the logits equal those of one full forward.
+A :class:`PrefixCache` holds the keys and values of prompts as Tensors, so that responses sharing a
+prompt read it from one forward of the prompt, gradients included.
 
 Heads: ``value_head`` (a per-token scalar V(s_t) for PPO) and :class:`RewardModel`
 (a scalar r(x, y) from per-token scores of the response and the last real token's state, for
@@ -93,6 +95,36 @@ class KVCache:
             return (F.cat([Tensor(buf_k[:, :, :start]), k], axis=2),
                     F.cat([Tensor(buf_v[:, :, :start]), v], axis=2))
         return Tensor(buf_k[:, :, :end]), Tensor(buf_v[:, :, :end])
+
+
+class PrefixCache:
+    """The keys and values of U prompts kept as Tensors, read by B rows that continue them:
+    ``rows[i]`` is the prompt that row i continues.
+
+        model.hidden(prompts, prompt_mask, cache=c)               (U, T): records each layer's K, V
+        model.hidden(continuations, [prompt_mask[rows] | mask], cache=c)   (B, N): attends over both
+
+    A causal model's states on a prompt never depend on what follows it, so a prompt answered by G
+    responses (a GRPO group, a preference pair) is computed once instead of G times, exactly; the
+    gradient that reaches its keys and values is the sum over the rows that read them (the backward of
+    the row gather). With dropout, the rows of a group share the prompt's dropout mask.
+    """
+
+    def __init__(self, rows):
+        self.rows = rows
+        self.length = 0
+        self.keys, self.values = [], []
+
+    def update(self, layer, k, v):
+        if self.length == 0:                       # the prompt pass
+            self.rows = backend.to_device(self.rows, k.device)
+            self.keys.append(k)
+            self.values.append(v)
+            return k, v
+        past_k, past_v = self.keys[layer], self.values[layer]
+        if self.length != past_k.shape[2]:
+            raise ValueError("PrefixCache: its prompts are continued once; build a new cache for another pass")
+        return F.cat([past_k[self.rows], k], axis=2), F.cat([past_v[self.rows], v], axis=2)
 
 
 class CausalSelfAttention(nn.Module):
@@ -339,9 +371,17 @@ class RewardModel(nn.Module):
                                  f"{scored.shape}")
             scored = (scored != 0) & mask
         last = T - 1 - xp.argmax(mask[:, ::-1], axis=1)
-        per_token = (self.token_scores(ids[:, 1:]) * h[:, :-1]).sum(axis=-1)  # u[y_t] · h_{t−1}, (B, T−1)
-        token_term = (per_token * scored[:, 1:].astype(h.dtype)).sum(axis=1)
-        return token_term + self.reward_head(h[xp.arange(B), last]).reshape(B)
+        return self.score(h[:, :-1], ids[:, 1:], scored[:, 1:], h[xp.arange(B), last])
+
+    def score(self, h_before, tokens, scored, h_last):
+        """r from the trunk's states: Σ_t scored_t · u[y_t] · h_{t−1} + w · h_last + b, (B,).
+
+        h_before (B, N, C): the state before each token of ``tokens`` (B, N); scored (B, N): 1 on the
+        tokens the first term sums over; h_last (B, C): the state on the last real token.
+        """
+        per_token = (self.token_scores(tokens) * h_before).sum(axis=-1)  # u[y_t] · h_{t−1}, (B, N)
+        token_term = (per_token * h_before.xp.asarray(scored).astype(h_before.dtype)).sum(axis=1)
+        return token_term + self.reward_head(h_last).reshape(h_last.shape[0])
 
     @classmethod
     def from_gpt(cls, gpt):

@@ -19,15 +19,17 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from . import losses
+from . import backend, functional as F, losses
 from .backend import to_numpy
+from .model import PrefixCache
 from .padding import pad_batch
 from .sampling import generate
 
 
 @dataclass
 class Rollout:
-    """A batch of responses with their prompts; ``index[i]`` is the prompt that row i answers.
+    """A batch of responses with their prompts; ``index[i]`` is the prompt that row i answers (rows
+    with equal index hold the same prompt, which :func:`response_hidden` computes once for all of them).
 
     logprobs (B, N): what the sampler reported, log π_old(y_t) at ``temperature`` (None when the
     responses were not sampled, e.g. preference pairs); temperature: the one log-probs use (a
@@ -70,21 +72,67 @@ def sample(model, prompts, index, samples_per_prompt, temperature, max_new_token
 
 
 def from_responses(prompts, responses, pad_id, index=None):
-    """A rollout of given responses (token lists) to ``prompts`` (one prompt per response)."""
+    """A rollout of given responses (token lists) to ``prompts`` (one prompt per response).
+
+    ``index``: the prompt each row answers; by default equal prompts get the same index (the first row
+    that holds it), so a prompt answered several times is computed once.
+    """
     if len(prompts) != len(responses):
         raise ValueError(f"from_responses: {len(prompts)} prompts for {len(responses)} responses; expected one each")
     prompt_ids, prompt_mask = pad_batch(prompts, pad_id, side="left")
     tokens, mask = pad_batch(responses, pad_id, side="right")
-    index = np.arange(len(prompts)) if index is None else np.asarray(index)
-    return Rollout(prompt_ids, prompt_mask, tokens, mask, index)
+    if index is None:
+        first_row = {}
+        index = np.array([first_row.setdefault(tuple(p), i) for i, p in enumerate(prompts)], dtype=np.int64)
+    return Rollout(prompt_ids, prompt_mask, tokens, mask, np.asarray(index))
 
 
-def response_hidden(model, rollout):
-    """The hidden states that predict each response token, (B, N, C): one forward over [prompt | response]."""
+def from_pairs(pairs, pad_id):
+    """Chosen rows then rejected rows of (prompt, chosen, rejected) token triples, as one rollout
+    (row i and row B + i share their prompt)."""
+    prompts = [p for p, _, _ in pairs]
+    return from_responses(prompts * 2, [c for _, c, _ in pairs] + [r for _, _, r in pairs], pad_id,
+                          index=np.tile(np.arange(len(pairs)), 2))
+
+
+def shared_prompts(rollout):
+    """(first, rows): the first row holding each distinct prompt (by ``index``), and for every row the
+    position of its prompt in ``first``, so that ``prompt_ids[first][rows]`` is ``prompt_ids``."""
+    _, first, rows = np.unique(to_numpy(rollout.index), return_index=True, return_inverse=True)
+    rows = rows.reshape(-1)
+    if isinstance(rollout.prompt_ids, np.ndarray):  # on CuPy the check would wait for the GPU
+        for name in ("prompt_ids", "prompt_mask"):
+            held = getattr(rollout, name)
+            if not np.array_equal(held[first][rows], held):
+                raise ValueError(f"Rollout: rows with the same index hold different {name}; index[i] must name "
+                                 "the prompt that row i answers")
+    return first, rows
+
+
+def response_hidden(model, rollout, last=False):
+    """The hidden states that predict each response token, (B, N, C): the states on columns T−1 … T+N−2
+    of [prompt | response]. With ``last``, (B, N + 1, C): also the state on the last column, T+N−1.
+
+    Rows that answer the same prompt (equal ``index``: a GRPO group, a preference pair) share it: the
+    U distinct prompts go through the model once, and each response attends to its prompt's keys and
+    values (:class:`~minirlhf.model.PrefixCache`), exact since attention is causal. The work falls
+    from B·(T+N) to U·T + B·N token positions. A batch of distinct prompts is one forward.
+    """
     T = rollout.prompt_ids.shape[1]
-    ids = np.concatenate([rollout.prompt_ids, rollout.tokens], axis=1)[:, :-1]
-    attention = np.concatenate([rollout.prompt_mask, rollout.mask], axis=1)[:, :-1]
-    return model.hidden(ids, attention)[:, T - 1:]
+    tokens, mask = (rollout.tokens, rollout.mask) if last else (rollout.tokens[:, :-1], rollout.mask[:, :-1])
+    first, rows = shared_prompts(rollout)
+    if len(first) == len(rows):
+        ids = np.concatenate([rollout.prompt_ids, tokens], axis=1)
+        attention = np.concatenate([rollout.prompt_mask, mask], axis=1)
+        return model.hidden(ids, attention)[:, T - 1:]
+    cache = PrefixCache(rows)
+    on = backend.device_of(rollout.prompt_ids)
+    picked = backend.to_device(first, on)
+    prompt_last = model.hidden(rollout.prompt_ids[picked], rollout.prompt_mask[picked], cache=cache)[:, T - 1:]
+    if tokens.shape[1] == 0:
+        return prompt_last[cache.rows]
+    h = model.hidden(tokens, np.concatenate([rollout.prompt_mask, mask], axis=1), cache=cache)
+    return F.cat([prompt_last[cache.rows], h], axis=1)
 
 
 def response_logits(model, rollout, hidden=None):

@@ -700,6 +700,23 @@ def test_float_ids_are_rejected_naming_the_op_and_dtype(op, call):
         call(np.zeros((2, 1) if op == "gather" else 2, dtype=np.float32))
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 12), st.lists(st.integers(-12, 11), min_size=1, max_size=60), st.integers(1, 3),
+       st.integers(0, 2**31 - 1))
+def test_scatter_add_of_rows_equals_np_add_at(n, index, width, seed):
+    """backend.scatter_add along the first axis (the backward of x[rows] and of embeddings) sums repeated
+    rows as np.add.at does, through both of its paths (rows repeated at most 8 times, and more), with
+    negative rows meaning rows from the end."""
+    rows = np.array([i % n if i >= n else i for i in index], dtype=np.int64)
+    rows = np.where(rows < -n, rows % n, rows)
+    values = np.random.default_rng(seed).standard_normal((len(rows), width))
+    expected = np.zeros((n, width))
+    np.add.at(expected, rows, values)
+    got = np.zeros((n, width))
+    backend.scatter_add(got, rows, values)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_float_index_arrays_are_rejected():
     with pytest.raises(TypeError, match="index: index arrays must be integer or boolean, got dtype float64"):
         Tensor(np.ones(3))[np.array([0.0, 1.0])]

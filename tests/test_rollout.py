@@ -4,8 +4,8 @@ import pytest
 
 import minirlhf
 import minirlhf.functional as F
-from minirlhf.model import GPT, GPTConfig
-from minirlhf.rollout import Rollout, from_responses, response_logprobs, sample, sequence_logprobs
+from minirlhf.model import GPT, GPTConfig, PrefixCache
+from minirlhf.rollout import Rollout, from_responses, response_hidden, response_logprobs, sample, sequence_logprobs
 from minirlhf.tensor import no_grad
 
 EOS, PAD = 11, 0
@@ -109,3 +109,70 @@ def test_rollout_logprobs_use_the_models_own_lm_head_on_an_untied_llama():
     with no_grad():
         logp = response_logprobs(model, batch).data
     np.testing.assert_allclose(logp, batch.logprobs * batch.mask, atol=1e-5)
+
+
+# ----------------------------------------------------------- shared prompts
+def tiny_llama(seed=0):
+    from minirlhf.llama import Llama, LlamaConfig
+    minirlhf.manual_seed(seed)
+    return Llama(LlamaConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=16, intermediate_size=32, vocab_size=12,
+                             block_size=16))
+
+
+def _one_forward_each(rollout):
+    """The same rows with every index distinct: no prompt shared, one forward over [prompt | response]."""
+    return Rollout(rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask,
+                   np.arange(len(rollout)), rollout.logprobs, rollout.temperature)
+
+
+def _grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return {name: p.grad.copy() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("make", [tiny_gpt, tiny_llama], ids=["gpt", "llama"])
+@pytest.mark.parametrize("last", [False, True])
+def test_a_prompt_shared_by_several_responses_gives_the_states_and_gradients_of_one_forward_each(make, last):
+    """response_hidden computes a prompt once for the rows that answer it (PrefixCache); the states and
+    every parameter's gradient equal those of one full forward per row, for groups (GRPO) and pairs (DPO)
+    of left-padded prompts of different lengths and right-padded responses."""
+    model = make()
+    rng = np.random.default_rng(0)
+    groups = sample(model, PROMPTS, np.arange(len(PROMPTS)), 3, 1.0, 5, EOS, PAD, seed=1)
+    pairs = from_responses(PROMPTS * 2, RESPONSES + RESPONSES[::-1], PAD)
+    assert pairs.index.tolist() == list(range(5)) * 2  # equal prompts get the same index by default
+    for rollout in (groups, pairs):
+        weights = rng.standard_normal((len(rollout), rollout.tokens.shape[1] + last, 16)).astype(np.float32)
+        shared = response_hidden(model, rollout, last=last)
+        alone = response_hidden(model, _one_forward_each(rollout), last=last)
+        np.testing.assert_allclose(shared.data, alone.data, atol=2e-6)
+        g_shared = _grads(model, (shared * weights).sum())
+        g_alone = _grads(model, (alone * weights).sum())
+        assert g_shared.keys() == g_alone.keys()
+        for name in g_alone:
+            scale = max(1.0, np.abs(g_alone[name]).max())
+            np.testing.assert_allclose(g_shared[name], g_alone[name], atol=2e-6 * scale, rtol=0, err_msg=name)
+
+
+def test_one_token_responses_read_only_their_prompts_state():
+    model = tiny_gpt()
+    rollout = from_responses(PROMPTS[:2] * 2, [[EOS], [5], [6], [EOS]], PAD)
+    with no_grad():
+        np.testing.assert_allclose(sequence_logprobs(model, rollout).data,
+                                   sequence_logprobs(model, _one_forward_each(rollout)).data, atol=1e-6)
+
+
+def test_rows_whose_index_names_another_prompt_are_refused():
+    rollout = from_responses(PROMPTS[:2], RESPONSES[:2], PAD, index=[0, 0])
+    with pytest.raises(ValueError, match="same index hold different prompt_ids"):
+        response_hidden(tiny_gpt(), rollout)
+
+
+def test_a_prefix_cache_continues_its_prompts_once():
+    model = tiny_gpt()
+    cache = PrefixCache(np.array([0, 0]))
+    model.hidden(np.array([[1, 2, 3]]), cache=cache)
+    model.hidden(np.array([[4], [5]]), np.ones((2, 4)), cache=cache)
+    with pytest.raises(ValueError, match="continued once"):
+        model.hidden(np.array([[4], [5]]), np.ones((2, 5)), cache=cache)

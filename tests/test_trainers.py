@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import minirlhf
+import minirlhf.functional as F
 from minirlhf.model import GPT, GPTConfig, RewardModel
 from minirlhf.tensor import Tensor, no_grad
 from minirlhf.rollout import response_logprobs, sample, sequence_logprobs
@@ -13,7 +14,7 @@ from minirlhf.train.run import MetricsLog
 from minirlhf.train.dpo import DPOConfig, reference_logprobs, train_dpo
 from minirlhf.train.grpo import GRPOConfig, train_grpo
 from minirlhf.train.ppo import PPOConfig, train_ppo, with_value_head
-from minirlhf.train.reward import (RewardConfig, normalize_reward_model, pair_accuracy, pair_batch,
+from minirlhf.train.reward import (RewardConfig, normalize_reward_model, pair_accuracy, pair_batch, pair_scores,
                                    score_sequences, train_reward_model)
 from minirlhf.train.rloo import RLOOConfig, train_rloo
 
@@ -127,6 +128,35 @@ def test_reward_model_learns_the_preference():
     history = train_reward_model(rm, pairs, RewardConfig(steps=30, lr=1e-2, batch_size=16), PAD, progress=False)
     assert history[-1]["loss"] < history[0]["loss"]
     assert pair_accuracy(rm, pairs, PAD) == 1.0
+
+
+@pytest.mark.parametrize("trunk", ["gpt", "llama"])
+def test_pair_scores_with_each_prompt_computed_once_equal_the_reward_models_forward(trunk):
+    """pair_scores reads each pair's prompt once (rollout_scores over a PrefixCache); the scores and every
+    gradient equal those of rm(ids, mask, response) over the padded [prompt | response] rows."""
+    if trunk == "llama":
+        from minirlhf.llama import Llama, LlamaConfig, LlamaRewardModel
+        minirlhf.manual_seed(0)
+        rm = LlamaRewardModel.from_gpt(Llama(LlamaConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=16,
+                                                         intermediate_size=32, vocab_size=12, block_size=16)))
+    else:
+        rm = RewardModel.from_gpt(tiny_gpt())
+    rng = np.random.default_rng(0)
+    for p in rm.parameters():  # heads away from their zero init, so that every term counts
+        p.data = p.data + rng.normal(0, 0.05, p.shape).astype(p.dtype)
+    pairs = toy_pairs(6) + [(PROMPTS[2], [7, 9, 9, EOS], [GOOD, EOS]), (PROMPTS[1], [EOS], [BAD, 7, 7, 7])]
+    chosen, rejected = pair_scores(rm, pairs, PAD)
+    forward = rm(*pair_batch(pairs, PAD))
+    np.testing.assert_allclose(np.concatenate([chosen.data, rejected.data]), forward.data, atol=1e-5)
+    weights = rng.standard_normal(2 * len(pairs)).astype(np.float32)
+    grads = []
+    for scores in (F.cat([chosen, rejected]), forward):
+        rm.zero_grad()
+        (scores * weights).sum().backward()
+        grads.append({name: p.grad.copy() for name, p in rm.named_parameters()})
+    for name in grads[1]:
+        scale = max(1.0, np.abs(grads[1][name]).max())
+        np.testing.assert_allclose(grads[0][name], grads[1][name], atol=2e-6 * scale, rtol=0, err_msg=name)
 
 
 def test_normalized_reward_model_scores_have_mean_zero_and_std_one_in_the_same_order():

@@ -3,16 +3,17 @@
     L = −mean log σ(β [log π(y_w|x)/π_ref(y_w|x) − log π(y_l|x)/π_ref(y_l|x)])        (eq. 7)
 
 The reference log-probs log π_ref(y|x) never change, so they are computed once, before training.
-Each step: draw pairs, sequence log-probs of chosen and rejected under π in one forward pass,
-the loss (losses.dpo_loss, where β·h is formed), a step. The implicit rewards β log π/π_ref are
-logged: their margin (chosen − rejected) and the share of pairs where the chosen one's is higher.
+Each step: draw pairs, sequence log-probs of chosen and rejected under π in one pass (a pair's
+prompt computed once for both responses), the loss (losses.dpo_loss, where β·h is formed), a step.
+The implicit rewards β log π/π_ref are logged: their margin (chosen − rejected) and the share of
+pairs where the chosen one's is higher.
 """
 from dataclasses import dataclass
 
 import numpy as np
 
 from .. import losses
-from ..rollout import from_responses, sequence_logprobs
+from ..rollout import from_pairs, sequence_logprobs
 from ..tensor import no_grad
 from ..validation import is_positive_int, require
 from .config import TrainConfig, check_with
@@ -36,15 +37,10 @@ class DPOConfig(TrainConfig):
                    label_smoothing=self.label_smoothing)
 
 
-def pair_rollout(pairs, pad_id):
-    """Chosen rows then rejected rows of (prompt, chosen, rejected) token triples, as one rollout."""
-    prompts = [p for p, _, _ in pairs]
-    return from_responses(prompts * 2, [c for _, c, _ in pairs] + [r for _, _, r in pairs], pad_id)
-
-
 def pair_logprobs(model, pairs, pad_id):
-    """(log π(y_w|x), log π(y_l|x)), each (B,), from one forward pass over chosen and rejected rows."""
-    logp = sequence_logprobs(model, pair_rollout(pairs, pad_id))
+    """(log π(y_w|x), log π(y_l|x)), each (B,), from one pass over chosen and rejected rows (each pair's
+    prompt computed once)."""
+    logp = sequence_logprobs(model, from_pairs(pairs, pad_id))
     B = len(pairs)
     return logp[:B], logp[B:]
 

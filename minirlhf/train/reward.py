@@ -3,9 +3,9 @@
 
     L = −mean log σ(r(x, y_w) − r(x, y_l))
 
-For each step: draw a batch of pairs, score chosen and rejected responses in one forward pass
-(per-token scores of the response plus a head on its last token, <|im_end|>; see
-:class:`minirlhf.model.RewardModel`), take the loss, step. The learning rate decays along a cosine
+For each step: draw a batch of pairs, score chosen and rejected responses in one pass, each pair's
+prompt through the trunk once (per-token scores of the response plus a head on its last token,
+<|im_end|>; see :class:`minirlhf.model.RewardModel`), take the loss, step. The learning rate decays along a cosine
 (``min_lr``): labels are noisy, and a decaying step size settles the fit.
 Evaluation: pair accuracy, the share of pairs ordered as the hidden gold score orders them.
 """
@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import losses
+from .. import backend, losses
 from ..padding import pad_prompt_response
+from ..rollout import from_pairs, response_hidden
 from ..tensor import no_grad
 from ..validation import is_positive_int, require
 from .config import TrainConfig
@@ -41,9 +42,23 @@ def pair_batch(pairs, pad_id):
     return pad_prompt_response([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], pad_id)
 
 
+def rollout_scores(reward_model, rollout):
+    """r(x, y) of each row of a :class:`~minirlhf.rollout.Rollout`, (B,), with gradient.
+
+    The same r as ``reward_model(ids, mask, response)`` on [prompt | response], from the trunk's states
+    on columns T−1 … T+N−1 (:func:`~minirlhf.rollout.response_hidden`), so that a prompt shared by
+    several rows (a pair's chosen and rejected responses) goes through the trunk once.
+    """
+    h = response_hidden(reward_model.transformer, rollout, last=True)  # (B, N + 1, C)
+    on = h.device
+    tokens, mask = backend.to_device(rollout.tokens, on), backend.to_device(rollout.mask, on)
+    last = mask.sum(axis=1).astype(np.int64)  # the state on the last response token is column `length`
+    return reward_model.score(h[:, :-1], tokens, mask, h[h.xp.arange(len(last)), last])
+
+
 def pair_scores(reward_model, pairs, pad_id):
-    """(r(x, y_w), r(x, y_l)), each (B,)."""
-    scores = reward_model(*pair_batch(pairs, pad_id))
+    """(r(x, y_w), r(x, y_l)), each (B,), each pair's prompt computed once."""
+    scores = rollout_scores(reward_model, from_pairs(pairs, pad_id))
     B = len(pairs)
     return scores[:B], scores[B:]
 
