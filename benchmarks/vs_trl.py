@@ -9,7 +9,7 @@ float32, no dropout. A row is one step of each trainer, all the work between two
     row   minirlhf                    TRL                 one step, both sides
     GRPO  train.grpo.train_grpo       GRPOTrainer         16 prompts × 8 samples, 5 new tokens; rule reward;
                                                           log π_ref (β = 0.04); one pass (num_iterations=1)
-    DPO   train.dpo.train_dpo         DPOTrainer          64 pairs (chosen and rejected in one forward);
+    DPO   train.dpo.train_dpo         DPOTrainer          64 pairs (chosen and rejected in one pass);
                                                           log π_ref precomputed before training
     PPO   train.ppo.train_ppo         RLOOTrainer         128 samples of 5 new tokens (minirlhf: 128 prompts × 1,
                                                           TRL: 64 × 2); a reward model's score;
@@ -34,6 +34,8 @@ drift in the machine's load hits both; the first ``WARMUP`` steps of each side (
 precomputed reference log-probs) are not timed. Medians are reported, with the load average.
 
 Threads: NumPy's BLAS and torch's intra-op pool each default to the core count; both are printed.
+Memory: minirlhf's side keeps freed memory for reuse (``backend.keep_freed_memory``, as the ``minirlhf``
+command does); TRL's side runs with glibc's default malloc settings, as TRL does.
 TRL's settings that would add work minirlhf does not do are turned off and named in
 :func:`trl_settings` (no gradient checkpointing, no bf16, no logging, evaluation or saving).
 
@@ -316,6 +318,8 @@ def side_process(conn, side, algorithm, size_name, steps):
     """One side of one row in its own process: set up, say "ready", then one trainer step per "go"."""
     try:
         quiet_libraries()
+        if side == "minirlhf":
+            minirlhf.backend.keep_freed_memory()  # as the minirlhf command does; TRL's side keeps glibc's defaults
         task = addition_task()
         models = minirlhf_models(algorithm, SIZES[size_name], task)
         with tempfile.TemporaryDirectory() as folder:

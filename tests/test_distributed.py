@@ -17,7 +17,7 @@ from minirlhf.sampling import generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-TRAINERS = ("sft", "rm", "dpo", "grpo", "grpo_dapo", "rloo", "ppo")
+TRAINERS = ("sft", "rm", "dpo", "grpo", "grpo_dapo", "rloo", "ppo", "ppo_one_minibatch")
 
 try:
     import mpi4py  # noqa: F401
@@ -117,8 +117,8 @@ def test_the_weights_moved(trained):
     import data_parallel_job as jobs
     from minirlhf.train.ppo import with_value_head
     for trainer in TRAINERS:
-        start = {"rm": jobs.tiny_reward_model, "ppo": lambda: with_value_head(jobs.tiny_gpt())}.get(
-            trainer, jobs.tiny_gpt)().state_dict()
+        start = (jobs.tiny_reward_model() if trainer == "rm" else with_value_head(jobs.tiny_gpt())
+                 if trainer.startswith("ppo") else jobs.tiny_gpt()).state_dict()
         end = weights(os.path.join(trained[0], f"{trainer}.npz"))
         assert max(float(np.abs(end[k] - np.asarray(start[k])).max()) for k in end) > 1e-3, trainer
 

@@ -4,7 +4,8 @@ For each step:
 
     1. draw prompts; sample one response per prompt from π_old (the current policy)
     2. score: s = r_φ(x, y), the reward model's score of the whole response
-    3. log-probs and values without gradient: log π_old(y_t), log π_ref(y_t), V_old(s_t)
+    3. log-probs and values without gradient: log π_old(y_t), log π_ref(y_t), V_old(s_t) (with one
+       minibatch, π_old and V_old are the first update's forward, detached: the policy has not moved yet)
     4. per-token rewards r_t = −β log(π_old/π_ref)(y_t) + [t last] · s          (losses.kl_penalty)
     5. advantages and returns by GAE(γ, λ) over the response tokens, advantages whitened
        (losses.gae, losses.whiten)
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import losses
+from .. import backend, losses
 from ..backend import to_numpy
 from ..rollout import response_logprobs
 from ..tensor import no_grad
@@ -73,6 +74,19 @@ class PPOConfig(TrainConfig):
             check_with(self, losses.rollout_correction_weights, logp, logp, mask, self.rollout_correction)
 
 
+def in_batch_order(world, rows, *arrays):
+    """Each rank's ``arrays`` for its ``rows`` of the batch, gathered over the ranks and put back in the
+    batch's row order."""
+    order = world.gather(np.asarray(rows))
+    placed = []
+    for values in arrays:
+        values = world.gather(values)
+        out = values.copy()
+        out[backend.to_device(order, backend.device_of(out))] = values
+        placed.append(out)
+    return placed
+
+
 def with_value_head(model):
     """A copy of ``model`` that also predicts values V(s_t); the value head starts at the GPT-2 init."""
     policy = type(model)(model.config, value_head=True)
@@ -98,9 +112,24 @@ def train_ppo(policy, reference, reward_model, prompts, config, eos_id, pad_id, 
         batch = step_rollout(policy, prompts, config, step, 1, eos_id, pad_id)
         mine = batch.rows(run.split(len(batch)))  # this rank's rollouts (all of them in one process)
         scores = run.world.gather(score_rollout(reward_model, mine))
+        rng = step_rng(config.seed, step, MINIBATCHES)
+        plan = [np.array_split(rng.permutation(len(batch)), config.minibatches) for _ in range(config.epochs)]
+        first = None
+        if config.minibatches == 1:
+            # the first update's forward sees the policy of the rollout (no step taken yet): detached, it is
+            # π_old and V_old, and the update keeps its graph, one pass fewer (as GRPO's first epoch)
+            rows = plan[0][0][run.split(len(batch))]
+            first = response_logprobs(policy, batch.rows(rows), values=True, entropy=True)
+            old_logp, old_values, entropy = first
+            old_logp, old_values = in_batch_order(run.world, rows, old_logp.data, old_values.data)
+            scored_tokens = float(batch.mask[rows].sum())
+        else:
+            with no_grad():
+                old_logp, old_values, entropy = response_logprobs(policy, mine, values=True, entropy=True)
+            old_logp, old_values = run.world.gather(old_logp.data), run.world.gather(old_values.data)
+            scored_tokens = float(mine.mask.sum())
+        old_values = old_values * batch.mask
         with no_grad():
-            old_logp, old_values, entropy = response_logprobs(policy, mine, values=True, entropy=True)
-            old_logp, old_values = run.world.gather(old_logp.data), run.world.gather(old_values.data) * batch.mask
             ref_logp = run.world.gather(response_logprobs(reference, mine).data)
         rewards = losses.kl_penalty(old_logp, ref_logp, batch.mask, scores, beta).data
         advantages, returns = losses.gae(rewards, old_values, batch.mask, gamma=config.gamma, lam=config.lam)
@@ -108,13 +137,15 @@ def train_ppo(policy, reference, reward_model, prompts, config, eos_id, pad_id, 
         if config.rollout_correction is not None:
             advantages = advantages * losses.rollout_correction_weights(old_logp, batch.logprobs, batch.mask,
                                                                         config.rollout_correction).data
-        rng = step_rng(config.seed, step, MINIBATCHES)
         tokens = to_numpy(batch.mask.sum(axis=1))  # read back once, not twice per minibatch
-        for _ in range(config.epochs):
-            for minibatch in np.array_split(rng.permutation(len(batch)), config.minibatches):
+        for minibatches in plan:
+            for minibatch in minibatches:
                 rows = minibatch[run.split(len(minibatch))]
                 mb = batch.rows(rows)
-                logp, values = response_logprobs(policy, mb, values=True)
+                if first is not None:
+                    (logp, values, _), first = first, None  # its graph is used once, by this update
+                else:
+                    logp, values = response_logprobs(policy, mb, values=True)
                 policy_loss, stats = losses.ppo_policy_loss(logp, old_logp[rows], advantages[rows], mb.mask,
                                                             clip_eps=config.clip_eps)
                 value_loss = losses.ppo_value_loss(values, old_values[rows], returns.data[rows], mb.mask,
@@ -128,7 +159,7 @@ def train_ppo(policy, reference, reward_model, prompts, config, eos_id, pad_id, 
                                    "loss/value_avg": float(value_loss.item()), **clip_metrics(stats)},
                                   float(mb.mask.sum()))  # token means, as is the entropy
         metrics = {**rollout_metrics(batch, scores), **kl,
-                   **run.mean({"entropy": float(entropy)}, float(mine.mask.sum())), "beta": beta, **last_minibatch,
+                   **run.mean({"entropy": float(entropy)}, scored_tokens), "beta": beta, **last_minibatch,
                    "learning_rate": lr, "grad_norm": grad_norm}
         run.end_step(step, metrics, shown=("reward", "objective/kl"),
                      extra={"beta": kl_control.beta} if config.adaptive_kl else None)
