@@ -20,8 +20,8 @@ float32, no dropout. A row is one step of each trainer, all the work between two
 TRL 1.x removed PPOTrainer (moved to trl.experimental in 1.10, deleted after), so the PPO row's peer
 is TRL's nearest on-policy trainer with a reference model and a reward model, RLOOTrainer, with
 k = 2 samples per prompt (its fewest) over 64 prompts. It has no value model: minirlhf's PPO step does
-more (a value head on the shared trunk, GAE, whitening, the value loss) and one extra forward pass
-(log π_old, V_old before the update), so that row is not like for like. The RLOO row is: the same
+more (a value head on the shared trunk, GAE, whitening, the value loss; with one minibatch, log π_old
+and V_old come from the update's own forward), so that row is not like for like. The RLOO row is: the same
 algorithm on both sides.
 
 Each step is the trainer's own loop, timed from inside: each side runs in a process of its own
