@@ -719,9 +719,9 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale
                          "the softmax over keys needs at least one")
     k = _tensor(k, q, "scaled_dot_product_attention")
     v = _tensor(v, q, "scaled_dot_product_attention")
-    if attn_mask is not None and backend.device_of(backend.array_of(attn_mask)) != q.device:
-        raise RuntimeError(f"scaled_dot_product_attention: attn_mask is on "
-                           f"{backend.device_of(getattr(attn_mask, 'data', attn_mask))}, q on {q.device}")
+    mask_device = None if attn_mask is None else backend.device_of(backend.array_of(attn_mask))
+    if mask_device not in (None, q.device):
+        raise RuntimeError(f"scaled_dot_product_attention: attn_mask is on {mask_device}, q on {q.device}")
     xp = q.xp
     T, S = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
