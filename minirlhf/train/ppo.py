@@ -114,6 +114,7 @@ def train_ppo(policy, reference, reward_model, prompts, config, eos_id, pad_id, 
         scores = run.world.gather(score_rollout(reward_model, mine))
         rng = step_rng(config.seed, step, MINIBATCHES)
         plan = [np.array_split(rng.permutation(len(batch)), config.minibatches) for _ in range(config.epochs)]
+        tokens = to_numpy(batch.mask.sum(axis=1))  # read back once: every token count below comes from it
         first = None
         if config.minibatches == 1:
             # the first update's forward sees the policy of the rollout (no step taken yet): detached, it is
@@ -122,12 +123,12 @@ def train_ppo(policy, reference, reward_model, prompts, config, eos_id, pad_id, 
             first = response_logprobs(policy, batch.rows(rows), values=True, entropy=True)
             old_logp, old_values, entropy = first
             old_logp, old_values = in_batch_order(run.world, rows, old_logp.data, old_values.data)
-            scored_tokens = float(batch.mask[rows].sum())
         else:
+            rows = run.split(len(batch))  # this rank's rollouts, `mine`
             with no_grad():
                 old_logp, old_values, entropy = response_logprobs(policy, mine, values=True, entropy=True)
             old_logp, old_values = run.world.gather(old_logp.data), run.world.gather(old_values.data)
-            scored_tokens = float(mine.mask.sum())
+        entropy_tokens = float(tokens[rows].sum())  # the entropy is a token mean over these rows
         old_values = old_values * batch.mask
         with no_grad():
             ref_logp = run.world.gather(response_logprobs(reference, mine).data)
@@ -137,7 +138,6 @@ def train_ppo(policy, reference, reward_model, prompts, config, eos_id, pad_id, 
         if config.rollout_correction is not None:
             advantages = advantages * losses.rollout_correction_weights(old_logp, batch.logprobs, batch.mask,
                                                                         config.rollout_correction).data
-        tokens = to_numpy(batch.mask.sum(axis=1))  # read back once, not twice per minibatch
         for minibatches in plan:
             for minibatch in minibatches:
                 rows = minibatch[run.split(len(minibatch))]
@@ -157,9 +157,9 @@ def train_ppo(policy, reference, reward_model, prompts, config, eos_id, pad_id, 
             kl_control.update(kl["objective/kl"], len(batch))
         last_minibatch = run.mean({"loss/policy_avg": float(policy_loss.item()),
                                    "loss/value_avg": float(value_loss.item()), **clip_metrics(stats)},
-                                  float(mb.mask.sum()))  # token means, as is the entropy
+                                  float(tokens[rows].sum()))  # token means, as is the entropy
         metrics = {**rollout_metrics(batch, scores), **kl,
-                   **run.mean({"entropy": float(entropy)}, scored_tokens), "beta": beta, **last_minibatch,
+                   **run.mean({"entropy": float(entropy)}, entropy_tokens), "beta": beta, **last_minibatch,
                    "learning_rate": lr, "grad_norm": grad_norm}
         run.end_step(step, metrics, shown=("reward", "objective/kl"),
                      extra={"beta": kl_control.beta} if config.adaptive_kl else None)
