@@ -100,6 +100,25 @@ def test_ppo_config_refuses_an_unknown_rollout_correction():
         PPOConfig(rollout_correction="truncate")
 
 
+def record_losses_and_passes(monkeypatch, loss_name, trainer_module):
+    """Spy on ``losses.<loss_name>`` (each call's logp and π_old, copied) and on the trainer module's
+    ``response_logprobs`` (the model of each pass); returns the two lists they fill."""
+    seen, passes = [], []
+    real_loss, real_forward = getattr(losses, loss_name), trainer_module.response_logprobs
+
+    def loss(logp, old_logp, *args, **kwargs):
+        if isinstance(logp, Tensor):  # not the config's check on a one-token batch
+            seen.append((logp.data.copy(), np.array(old_logp, copy=True)))
+        return real_loss(logp, old_logp, *args, **kwargs)
+
+    def forward(model, *args, **kwargs):
+        passes.append(model)
+        return real_forward(model, *args, **kwargs)
+    monkeypatch.setattr(losses, loss_name, loss)
+    monkeypatch.setattr(trainer_module, "response_logprobs", forward)
+    return seen, passes
+
+
 @pytest.mark.parametrize("minibatches, policy_passes", [(1, 3), (2, 1 + 3 * 2)])
 def test_ppo_with_one_minibatch_takes_pi_old_from_the_first_updates_forward(monkeypatch, minibatches,
                                                                             policy_passes):
@@ -107,23 +126,13 @@ def test_ppo_with_one_minibatch_takes_pi_old_from_the_first_updates_forward(monk
     and V_old (the first ratio exactly 1), and no pass of its own is made; with more minibatches the
     policy moves within the epoch, so π_old has its own pass before the updates."""
     from minirlhf.train import ppo as ppo_module
-    seen = []
-    real = losses.ppo_policy_loss
-
-    def spy(logp, old_logp, *args, **kwargs):
-        if isinstance(logp, Tensor):  # not the config's check on a one-token batch
-            seen.append((logp.data.copy(), np.array(old_logp, copy=True)))
-        return real(logp, old_logp, *args, **kwargs)
-    monkeypatch.setattr(losses, "ppo_policy_loss", spy)
-    passes = []
-    real_forward = ppo_module.response_logprobs
-    monkeypatch.setattr(ppo_module, "response_logprobs",
-                        lambda model, *a, **k: passes.append(model is policy) or real_forward(model, *a, **k))
+    seen, passes = record_losses_and_passes(monkeypatch, "ppo_policy_loss", ppo_module)
     policy = with_value_head(tiny_gpt())
     cfg = PPOConfig(steps=1, lr=1e-2, prompts_per_step=4, epochs=3, minibatches=minibatches, max_new_tokens=3)
     train_ppo(policy, tiny_gpt(), FirstTokenRewardModel(3), [p for p in PROMPTS if len(p) == 3][:4], cfg, EOS, PAD,
               progress=False)
-    assert sum(passes) == policy_passes and passes.count(False) == 1  # and the reference's one pass
+    on_policy = sum(model is policy for model in passes)
+    assert on_policy == policy_passes and len(passes) - on_policy == 1  # and the reference's one pass
     assert len(seen) == 3 * minibatches
     if minibatches == 1:
         (first_logp, first_old), *later = seen
@@ -136,20 +145,10 @@ def test_ppo_with_one_minibatch_takes_pi_old_from_the_first_updates_forward(monk
 def test_grpo_old_logprobs_are_the_policy_at_the_rollout_in_every_epoch(monkeypatch):
     """π_old is the first epoch's forward, detached (no step has been taken yet): the first ratio is
     exactly 1, and later epochs keep that π_old while π moves."""
-    seen = []
-    real = losses.grpo_loss
-
-    def spy(logp, old_logp, *args, **kwargs):
-        if isinstance(logp, Tensor):  # not the config's check on a one-token batch
-            seen.append((logp.data.copy(), np.array(old_logp, copy=True)))
-        return real(logp, old_logp, *args, **kwargs)
-    monkeypatch.setattr(losses, "grpo_loss", spy)
-    forwards = []
-    real_forward = grpo_module.response_logprobs
-    monkeypatch.setattr(grpo_module, "response_logprobs", lambda *a, **k: forwards.append(1) or real_forward(*a, **k))
+    seen, passes = record_losses_and_passes(monkeypatch, "grpo_loss", grpo_module)
     grpo(steps=1, epochs=3)
     assert len(seen) == 3
-    assert len(forwards) == 3 + 1  # one per epoch and the reference's: π_old needs no pass of its own
+    assert len(passes) == 3 + 1  # one per epoch and the reference's: π_old needs no pass of its own
     (first_logp, first_old), *later = seen
     np.testing.assert_array_equal(first_old, first_logp)
     for logp, old in later:
