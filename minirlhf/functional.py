@@ -315,30 +315,27 @@ def gelu(x):
     d = x.data
     # Each formula runs in place on buffers this op owns (x² as d * d: NumPy's d ** 3 calls powf per element):
     # one temporary of x's size where the plain expressions made nine. On the train-step benchmark's
-    # (16, 128, 512) activations, forward + backward went from 15.0 to 3.0 ms.
+    # (16, 128, 512) activations, forward + backward went from 15.0 to 3.0 ms; with the scalars folded and
+    # the derivative factored (below), from 3.0 to 2.8 ms.
     t = xp.multiply(d, d, out=xp.empty_like(d))  # out=: a 0-d input would otherwise give a scalar, not a buffer
-    t *= 0.044715
-    t += 1
-    t *= d
-    t *= _GELU_C
+    t *= 0.044715 * _GELU_C
+    t += _GELU_C
+    t *= d                                         # √(2/π) x (1 + 0.044715 x²)
     xp.tanh(t, out=t)
     out = t + 1
     out *= d
     out *= 0.5
 
     def backward(g):
-        slope, factor = xp.empty_like(t), xp.empty_like(t)
-        xp.multiply(t, t, out=slope)
-        xp.subtract(1, slope, out=slope)
-        slope *= d
-        slope *= 0.5 * _GELU_C                     # ½ x (1 − t²) √(2/π)
-        xp.multiply(d, d, out=factor)
-        factor *= 3 * 0.044715
-        factor += 1
-        slope *= factor                            # · (1 + 3 · 0.044715 x²)
-        xp.multiply(t, 0.5, out=factor)
-        slope += factor
-        slope += 0.5                               # + ½ (1 + t)
+        # the same derivative as (1 + t) · (½ + ½ x (1 − t) √(2/π) (1 + 3 · 0.044715 x²)): 10 passes, not 12
+        slope = xp.multiply(d, d, out=xp.empty_like(t))
+        slope *= 1.5 * 0.044715 * _GELU_C
+        slope += 0.5 * _GELU_C
+        slope *= d                                 # ½ x √(2/π) (1 + 3 · 0.044715 x²)
+        factor = xp.subtract(1, t, out=xp.empty_like(t))
+        slope *= factor
+        slope += 0.5
+        slope *= xp.add(t, 1, out=factor)
         slope *= g
         return (slope,)
     return Tensor._from_op(out, (x,), backward, "gelu")
@@ -848,8 +845,8 @@ def token_logprobs(logits, targets):
     if idx.size and not backend.is_cupy_array(idx) and (idx.min() < 0 or idx.max() >= V):
         raise IndexError(f"token_logprobs: targets must lie in [0, {V}), got min {int(idx.min())} "
                          f"max {int(idx.max())}")
-    x2 = logits.data.reshape(-1, V)
-    if backend.is_cupy_array(x2) and fused_logprobs.supported(x2):
+    x2 = logits.data.reshape(-1, V) if backend.is_cupy_array(logits.data) else None  # (a copy if strided)
+    if x2 is not None and fused_logprobs.supported(x2):
         t = idx.reshape(-1)
         out, lse = fused_logprobs.forward(x2, t)
         return Tensor._from_op(out.reshape(idx.shape), (logits,), lambda g: (
