@@ -723,6 +723,8 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale
     Backward (P the probabilities, dO the output gradient):
     dV = Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP − rowsum(dP ∘ P)), dQ = dS K · scale, dK = dSᵀ Q · scale.
     On CuPy with a supported shape this dispatches to the fused kernel in ``minirlhf.kernels``.
+    Otherwise causal attention runs over blocks of queries, each over only the keys it can see
+    (:func:`_attend` forward, :func:`_attend_backward` backward).
 
     Grouped-query attention (Ainslie et al. 2023): k and v may have fewer heads than q,
     q (…, H, T, d) with k, v (…, H_kv, S, d) and H a multiple of H_kv; query head h reads K/V
@@ -751,52 +753,107 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale
         return Tensor._from_op(out, (q, k, v), lambda g: fused_attention.backward(
             q.data, k.data, v.data, out, lse, g, key_mask, is_causal, scale), "fused_attention")
     G = _query_groups(q, k, v)
-    # Laid out for NumPy; together these took forward + backward of the train-step benchmark's (16, 4, 128, 32)
-    # causal attention from 10.9 to 9.4 ms (old and new alternating, one thread):
-    # the scores are kept transposed, keys along axis −2, so the softmax's max and sum over keys run across
-    # rows, vectorised, instead of one short reduction per query row; the scale goes on q (T·d numbers, not
-    # T·S); P stays unnormalised, E = exp(S − max) with row sums l, the 1/l going on the (T, d) output and
-    # gradients; rowsum(dP ∘ P) is taken as rowsum(dO ∘ O) (FlashAttention's D); the score chain and its
-    # backward run in place on the buffer the product returns; the transposed operands of products are made
-    # contiguous (OpenBLAS's batched NT products are slower).
+    d, d_v = q.shape[-1], v.shape[-1]
+    # query heads as (…, H_kv, G, T, d): the G heads that read one K/V head side by side (G = 1 without GQA)
     qd = q.data * scale
-    if G > 1:
-        qd = qd.reshape(k.shape[:-2] + (G * T, q.shape[-1]))  # (…, H_kv, G·T, d)
-    e = xp.matmul(k.data, xp.ascontiguousarray(xp.swapaxes(qd, -1, -2)))  # Sᵀ: (…, H_kv, S, G·T)
+    qd = qd.reshape(k.shape[:-2] + (G, T, d)) if G > 1 else qd[..., None, :, :]
     bias = _attention_mask(xp, T, S, is_causal, attn_mask, q.dtype)
+    bias = None if bias is None else _transposed_bias(bias, G)  # (…, S, G, T)
+    lead = np.broadcast_shapes(qd.shape[:-3], k.shape[:-2], v.shape[:-2], () if bias is None else bias.shape[:-3])
+    # Causal attention skips the keys a block of queries cannot see (FlashAttention's outer loop, without its
+    # online softmax: each block's softmax is over all the keys it sees). Forward + backward of a (16, 4, T, 32)
+    # attention, one thread, all keys at once vs blocks of 64 queries (alternating): T = 128 9.4 -> 8.5 ms,
+    # T = 256 48 -> 29 ms, T = 512 188 -> 114 ms.
+    step = _QUERY_BLOCK if is_causal else T
+    blocks = [(a, min(a + step, T), min(S, a + step + S - T) if is_causal else S) for a in range(0, T, step)]
+    blocks = [(a, b, n_keys) for a, b, n_keys in blocks if n_keys > 0]  # the last block sees all S keys
+    unseeing = blocks[0][0]  # the first rows see no key (T > S) and give 0
+    saved, outs = [], []
+    for a, b, n_keys in blocks:
+        qb = qd[..., a:b, :]
+        qb = qb.reshape(qb.shape[:-3] + (G * (b - a), d))  # (…, G·n, d)
+        e, l, ob = _attend(xp, qb, k.data[..., :n_keys, :], v.data[..., :n_keys, :],
+                           None if bias is None else bias[..., :n_keys, :, a:b], G)
+        saved.append((a, b, n_keys, qb, e, l, ob))
+        outs.append(ob.reshape(ob.shape[:-2] + (G, b - a, d_v)))
+    o = _along_queries(xp, outs, unseeing)
+
+    def backward(g):
+        g = g.reshape(lead + (G, T, d_v)) if G > 1 else g[..., None, :, :]
+        gqs, gk, gv = [], None, None
+        for a, b, n_keys, qb, e, l, ob in reversed(saved):
+            gb = g[..., a:b, :]
+            gb = gb.reshape(gb.shape[:-3] + (G * (b - a), d_v))
+            dq, dk, dv = _attend_backward(xp, gb, qb, k.data[..., :n_keys, :], v.data[..., :n_keys, :], e, l, ob)
+            dq *= scale
+            gqs.insert(0, dq.reshape(dq.shape[:-2] + (G, b - a, d)))
+            if gk is None:
+                gk, gv = dk, dv
+            else:
+                gk[..., :n_keys, :] += dk
+                gv[..., :n_keys, :] += dv
+        gq = _ungrouped(_along_queries(xp, gqs, unseeing))
+        return (gq if q.requires_grad else None), (gk if k.requires_grad else None), (gv if v.requires_grad else None)
+    return Tensor._from_op(_ungrouped(o), (q, k, v), backward, "scaled_dot_product_attention")
+
+
+def _along_queries(xp, blocks, unseeing):
+    """Blocks (…, G, n, x) of consecutive queries as one (…, G, T, x), after ``unseeing`` rows of zeros."""
+    if unseeing:
+        blocks = [xp.zeros(blocks[0].shape[:-2] + (unseeing,) + blocks[0].shape[-1:], dtype=blocks[0].dtype)] + blocks
+    return blocks[0] if len(blocks) == 1 else xp.concatenate(blocks, axis=-2)
+
+
+def _ungrouped(a):
+    """(…, H_kv, G, T, x) → (…, H, T, x), query head h = h_kv · G + g; (1, T, x) → (T, x)."""
+    return a.reshape(a.shape[:-4] + (-1,) + a.shape[-2:]) if a.ndim > 3 else a.reshape(a.shape[-2:])
+
+
+_QUERY_BLOCK = 64  # queries per block in causal attention (of 16, 32, 64, 128: the fastest at T = 256 and 512, tied at 128)
+
+
+def _attend(xp, q, k, v, bias, G):
+    """softmax(q kᵀ + bias) v for one block of (already scaled) queries q (…, G·n, d) over keys k (…, S, d),
+    with bias (…, S, G, n) transposed like the scores; returns (E, l, O) for the backward.
+
+    Laid out for NumPy (forward + backward of the train-step benchmark's (16, 4, 128, 32) attention went from
+    10.7 to 9.4 ms, one thread, before the blocks of queries were added): the scores are kept transposed,
+    keys along axis −2, so the softmax's max and sum over keys run across rows, vectorised, instead of one
+    short reduction per query row; P stays unnormalised, E = exp(S − max) with row sums l, the 1/l going on
+    the (n, d) output and gradients; the score chain runs in place on the buffer the product returns; the
+    transposed operands of products are made contiguous (OpenBLAS's batched NT products are slower).
+    """
+    e = xp.matmul(k, xp.ascontiguousarray(xp.swapaxes(q, -1, -2)))  # Sᵀ: (…, S, G·n)
     if bias is not None:
-        bias = _transposed_bias(bias, G)
-        grouped = e.shape
-        if G > 1:
-            e = e.reshape(k.shape[:-2] + (S, G, T))
-        e = xp.add(e, bias, out=e) if np.broadcast_shapes(e.shape, bias.shape) == e.shape else e + bias
-        if G > 1:
-            e = e.reshape(grouped)
+        bias = xp.ascontiguousarray(bias)  # adding a strided view takes six times as long
+        grouped = e.reshape(e.shape[:-1] + (G, e.shape[-1] // G))
+        if np.broadcast_shapes(grouped.shape, bias.shape) == grouped.shape:
+            xp.add(grouped, bias, out=grouped)
+        else:
+            e = (grouped + bias).reshape(np.broadcast_shapes(grouped.shape, bias.shape)[:-2] + e.shape[-1:])
     m = e.max(axis=-2, keepdims=True)
     e -= xp.where(xp.isfinite(m), m, 0)
     xp.exp(e, out=e)
-    l = xp.swapaxes(e.sum(axis=-2, keepdims=True), -1, -2)  # (…, G·T, 1)
+    l = xp.swapaxes(e.sum(axis=-2, keepdims=True), -1, -2)  # (…, G·n, 1)
     l = xp.where(l > 0, l, 1)  # a query that may attend to nothing has E = 0: its output is 0
-    o = xp.matmul(xp.swapaxes(e, -1, -2), v.data)
+    o = xp.matmul(xp.swapaxes(e, -1, -2), v)
     o /= l
+    return e, l, o
 
-    def backward(g):
-        g_l = (g if G == 1 else g.reshape(o.shape)) / l
-        gv = xp.matmul(e, g_l) if v.requires_grad else None  # Pᵀ dO
-        d = (g_l * o).sum(axis=-1, keepdims=True)  # D / l
-        ds = xp.matmul(v.data, xp.ascontiguousarray(xp.swapaxes(g_l, -1, -2)))  # (dP / l)ᵀ, then dSᵀ in place
-        ds -= xp.swapaxes(d, -1, -2)
-        ds *= e
-        gq = gk = None
-        if q.requires_grad:
-            gq = xp.matmul(xp.swapaxes(ds, -1, -2), k.data)
-            gq *= scale
-            gq = gq.reshape(q.shape)
-        if k.requires_grad:
-            gk = xp.matmul(ds, qd)
-        return gq, gk, gv
-    out = o if G == 1 else o.reshape(q.shape[:-1] + v.shape[-1:])  # (…, H, T, d_v)
-    return Tensor._from_op(out, (q, k, v), backward, "scaled_dot_product_attention")
+
+def _attend_backward(xp, g, q, k, v, e, l, o):
+    """dQ (before the scale), dK, dV of one block of :func:`_attend`, given dO = g.
+
+    dV = Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP − D) with D = rowsum(dP ∘ P) = rowsum(dO ∘ O) (FlashAttention's D,
+    from the (n, d) arrays), dQ = dS K, dK = dSᵀ q; with P = E / l the 1/l goes on dO first.
+    """
+    g_l = g / l
+    dv = xp.matmul(e, g_l)
+    d = (g_l * o).sum(axis=-1, keepdims=True)  # D / l
+    ds = xp.matmul(v, xp.ascontiguousarray(xp.swapaxes(g_l, -1, -2)))  # (dP / l)ᵀ, then dSᵀ in its place
+    ds -= xp.swapaxes(d, -1, -2)
+    ds *= e
+    return xp.matmul(xp.swapaxes(ds, -1, -2), k), xp.matmul(ds, q), dv
 
 
 def _query_groups(q, k, v):
@@ -812,17 +869,12 @@ def _query_groups(q, k, v):
 
 
 def _transposed_bias(bias, G):
-    """A bias broadcastable to the scores (…, H, T, S) as one broadcastable to their transpose: (…, H, S, T),
-    or (…, H_kv, S, G, T) when each K/V head serves G query heads (head h = h_kv · G + g). Contiguous:
-    adding a transposed view to the scores takes six times as long."""
-    xp = backend.get_array_module(bias)
+    """A bias broadcastable to the scores (…, H, T, S) as one broadcastable to their transpose laid out by
+    K/V head, (…, H_kv, S, G, T), where query head h = h_kv · G + g (G = 1 without GQA). A view."""
     bias = bias.swapaxes(-1, -2)
-    if G > 1:
-        if bias.ndim < 3 or bias.shape[-3] == 1:
-            bias = bias[..., None, :]
-        else:
-            bias = bias.reshape(bias.shape[:-3] + (bias.shape[-3] // G, G) + bias.shape[-2:]).swapaxes(-3, -2)
-    return xp.ascontiguousarray(bias)
+    if bias.ndim < 3 or bias.shape[-3] == 1:
+        return bias[..., None, :]
+    return bias.reshape(bias.shape[:-3] + (bias.shape[-3] // G, G) + bias.shape[-2:]).swapaxes(-3, -2)
 
 
 # ------------------------------------------------------------ log-probs

@@ -6,6 +6,7 @@ and the bad inputs and extreme values each op must handle.
 inputs, our function, and the same computation in torch. Inputs avoid the points where an
 op is not differentiable (ties of max/min/clip, 0 for abs/relu) by construction.
 """
+import contextlib
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -562,6 +563,40 @@ def _(draw, rng):
         out = tf().scaled_dot_product_attention(q, k, v, attn_mask=torch().from_numpy(some))
         return out * torch().from_numpy(~padded)[:, None]
     return Case(inputs, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, on(q, allowed)), theirs)
+
+
+@contextlib.contextmanager
+def query_blocks(n):
+    """Causal attention in blocks of ``n`` queries (the op reads the size in its forward only)."""
+    saved, F._QUERY_BLOCK = F._QUERY_BLOCK, n
+    try:
+        yield
+    finally:
+        F._QUERY_BLOCK = saved
+
+
+@op("attention_causal_blocks", "scaled_dot_product_attention")
+def _(draw, rng):
+    # causal attention over blocks of 1–3 queries, each over only the keys it sees, with a cache of keys
+    # before the block (S > T) or more queries than keys (T > S: the first rows see no key and give 0)
+    n = draw(st.integers(1, 3))
+    T = draw(st.integers(1, 7))
+    S = max(1, T + draw(st.integers(-3, 3)))
+    inputs, T, S = _attention_inputs(draw, rng, T, S)
+    allowed = np.tril(np.ones((T, S), dtype=bool), k=S - T)
+    if draw(st.booleans()):
+        allowed &= rng.random((T, S)) < 0.7
+    sees = allowed.any(axis=1)
+    some = allowed | ~sees[:, None]
+
+    def ours(q, k, v):
+        with query_blocks(n):
+            return F.scaled_dot_product_attention(q, k, v, on(q, allowed), is_causal=True)
+
+    def theirs(q, k, v):
+        out = tf().scaled_dot_product_attention(q, k, v, attn_mask=torch().from_numpy(some))
+        return out * torch().from_numpy(sees)[:, None]
+    return Case(inputs, ours, theirs)
 
 
 # ------------------------------------------------------------ log-probs

@@ -229,6 +229,30 @@ def test_grouped_query_attention_equals_attention_over_repeated_kv_heads(case):
     np.testing.assert_allclose(grouped, repeated, rtol=1e-12, atol=1e-12)
 
 
+@given(case=gqa_case(), n=st.integers(1, 3))
+def test_grouped_query_attention_in_blocks_of_queries_matches_torch(case, n):
+    """Causal attention runs over blocks of queries, each over the keys it sees: with blocks of 1–3 queries
+    the values and gradients are torch's (the default block holds every query of these small cases)."""
+    torch = pytest.importorskip("torch")
+    inputs, mask, causal = case
+    T, S = inputs[0].shape[-2], inputs[1].shape[-2]
+    allowed = np.tril(np.ones((T, S), dtype=bool), k=S - T) if causal else np.ones((T, S), dtype=bool)
+    if mask is not None:
+        allowed = allowed & mask
+
+    def ours(q, k, v):
+        saved, F._QUERY_BLOCK = F._QUERY_BLOCK, n
+        try:
+            return _gqa(mask, causal)(q, k, v)
+        finally:
+            F._QUERY_BLOCK = saved
+
+    def theirs(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=torch.from_numpy(allowed),
+                                                                enable_gqa=True)
+    assert_matches_torch(ours, theirs, inputs)
+
+
 def test_grouped_query_attention_names_heads_that_do_not_divide():
     q, kv = Tensor(np.ones((1, 3, 2, 4))), Tensor(np.ones((1, 2, 2, 4)))
     with pytest.raises(ValueError, match="H a multiple of H_kv"):
