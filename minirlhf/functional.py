@@ -13,7 +13,7 @@ import numpy as np
 
 from . import backend
 from .kernels import attention as fused_attention, logprobs as fused_logprobs, reference as kernel_reference
-from .tensor import Tensor
+from .tensor import Scattered, Tensor
 
 
 # ---------------------------------------------------------------- helpers
@@ -453,11 +453,10 @@ def index(x, key):
     basic = _is_basic_key(key)
 
     def backward(g):
-        grad = x.xp.zeros(x.shape, dtype=g.dtype)
         if basic:
-            grad[key] = g
-        else:
-            backend.scatter_add(grad, key, g)
+            return (Scattered(key, g),)
+        grad = x.xp.zeros(x.shape, dtype=g.dtype)
+        backend.scatter_add(grad, key, g)
         return (grad,)
     return Tensor._from_op(out, (x,), backward, "index")
 

@@ -52,6 +52,15 @@ def unbroadcast(grad, shape):
     return grad
 
 
+class Scattered:
+    """The gradient of x[key], for a key that selects each element at most once: ``values`` at ``key``,
+    zero elsewhere. The engine adds it into one buffer per input, so the slices of one tensor (the q, k
+    and v of a fused projection) cost one zero-filled gradient, not one each plus their sums."""
+
+    def __init__(self, key, values):
+        self.key, self.values = key, values
+
+
 class Tensor:
     """An n-d array (NumPy or CuPy) that can record the ops applied to it.
 
@@ -223,12 +232,16 @@ class Tensor:
                 raise ValueError(f"backward: grad has shape {grad.shape}, expected the tensor's shape {self.shape}")
 
         grads = {id(self): grad}
+        owned = set()  # ids of the inputs whose gradient is a buffer of the engine's own: later parts add in place
         for node in reversed(self._topological_order()):
             g = grads.pop(id(node), None)
             if g is None:
                 continue
             if node._op is None:
-                node.grad = node.xp.array(g) if node.grad is None else node.xp.asarray(node.grad + g)
+                if node.grad is not None:
+                    node.grad = node.xp.asarray(node.grad + g)
+                else:
+                    node.grad = node.xp.asarray(g) if id(node) in owned else node.xp.array(g)
                 continue
             if node._freed:
                 raise RuntimeError(f"backward: reached a freed part of the graph (op {node._op}); it was used by "
@@ -242,12 +255,27 @@ class Tensor:
             for parent, pg in zip(node._prev, node._backward(g)):
                 if pg is None or not parent.requires_grad:
                     continue
+                key = id(parent)
+                if isinstance(pg, Scattered):
+                    if key not in owned:
+                        buffer = parent.xp.zeros(parent.shape, dtype=parent.dtype)
+                        if key in grads:
+                            buffer += grads[key]
+                        grads[key] = buffer
+                        owned.add(key)
+                    grads[key][pg.key] += pg.values
+                    continue
                 if pg.shape != parent.shape:
                     pg = unbroadcast(pg, parent.shape)
                 if pg.dtype != parent.dtype:  # a float32 input of a float64 op gets a float32 gradient
                     pg = pg.astype(parent.dtype)
-                key = id(parent)
-                grads[key] = pg if key not in grads else grads[key] + pg
+                if key not in grads:
+                    grads[key] = pg
+                elif key in owned:
+                    grads[key] += pg
+                else:
+                    grads[key] = grads[key] + pg
+                    owned.add(key)
             if not retain_graph:
                 node._prev, node._saved_versions, node._backward, node._freed = (), (), None, True
 

@@ -200,6 +200,39 @@ def test_gradients_accumulate_across_backward_calls():
     np.testing.assert_allclose(x.grad, [3 + 2, 3 + 4])
 
 
+def test_slices_of_one_tensor_sum_into_its_gradient_whatever_the_order():
+    # the q, k, v of a fused projection, overlapping slices, and the whole tensor used besides
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.standard_normal((3, 4, 5)), requires_grad=True, dtype=np.float64)
+    c = [rng.standard_normal(s) for s in [(4, 5), (4, 5), (4, 5), (2, 4, 3), (3, 4, 5)]]
+    parts = [x[0], x[1], x[2], x[1:, :, ::2], x]
+    out = sum(((p * w).sum() for p, w in zip(parts, c)), Tensor(0.0, dtype=np.float64))
+    out.backward()
+    want = c[4].copy()
+    want[0] += c[0]
+    want[1] += c[1]
+    want[2] += c[2]
+    want[1:, :, ::2] += c[3]
+    np.testing.assert_allclose(x.grad, want, rtol=1e-15)
+
+
+def test_backward_never_writes_into_a_gradient_it_did_not_make():
+    # add passes the caller's gradient array on to both inputs as it is; the slice's gradient must then go
+    # into a buffer of the engine's own, not into the caller's array
+    x = Tensor(np.ones((2, 3)), requires_grad=True, dtype=np.float64)
+    b = x * 2.0
+    out = b + b[0:2]
+    g = np.arange(6.0).reshape(2, 3)
+    out.backward(g)
+    np.testing.assert_array_equal(g, np.arange(6.0).reshape(2, 3))
+    np.testing.assert_allclose(x.grad, 4 * g)
+    y = Tensor(np.ones((2, 3)), requires_grad=True, dtype=np.float64)
+    c = y * 2.0
+    (c + c + c).backward(g)                                 # c gets the caller's array twice over, then once more
+    np.testing.assert_array_equal(g, np.arange(6.0).reshape(2, 3))
+    np.testing.assert_allclose(y.grad, 6 * g)
+
+
 def test_diamond_graph_sums_both_paths():
     x = Tensor(np.array([0.5, 1.5]), requires_grad=True, dtype=np.float64)
     h = x.exp()
