@@ -241,7 +241,7 @@ class Tensor:
                 if node.grad is not None:
                     node.grad = node.xp.asarray(node.grad + g)
                 else:
-                    node.grad = node.xp.asarray(g) if id(node) in owned else node.xp.array(g)
+                    node.grad = g if id(node) in owned else node.xp.array(g)
                 continue
             if node._freed:
                 raise RuntimeError(f"backward: reached a freed part of the graph (op {node._op}); it was used by "
@@ -274,7 +274,7 @@ class Tensor:
                 elif key in owned:
                     grads[key] += pg
                 else:
-                    grads[key] = grads[key] + pg
+                    grads[key] = parent.xp.asarray(grads[key] + pg)  # asarray: NumPy makes a 0-d sum a scalar
                     owned.add(key)
             if not retain_graph:
                 node._prev, node._saved_versions, node._backward, node._freed = (), (), None, True

@@ -214,6 +214,10 @@ def test_slices_of_one_tensor_sum_into_its_gradient_whatever_the_order():
     want[2] += c[2]
     want[1:, :, ::2] += c[3]
     np.testing.assert_allclose(x.grad, want, rtol=1e-15)
+    s = Tensor(1.5, requires_grad=True, dtype=np.float64)   # a 0-d tensor: its summed gradient stays an array
+    t = s * 2.0
+    (t + t + t[()]).backward()
+    assert isinstance(s.grad, np.ndarray) and s.grad == 6.0
 
 
 def test_backward_never_writes_into_a_gradient_it_did_not_make():
