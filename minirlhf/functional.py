@@ -808,7 +808,7 @@ def _ungrouped(a):
     return a.reshape(a.shape[:-4] + (-1,) + a.shape[-2:]) if a.ndim > 3 else a.reshape(a.shape[-2:])
 
 
-_QUERY_BLOCK = 64  # queries per block in causal attention (of 16, 32, 64, 128: the fastest at T = 256 and 512, tied at 128)
+_QUERY_BLOCK = 64  # queries per block in causal attention (of 16, 32, 64, 128: fastest at T = 256 and 512, tied at 128)
 
 
 def _attend(xp, q, k, v, bias, G):
