@@ -758,7 +758,6 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale
     qd = qd.reshape(k.shape[:-2] + (G, T, d)) if G > 1 else qd[..., None, :, :]
     bias = _attention_mask(xp, T, S, is_causal, attn_mask, q.dtype)
     bias = None if bias is None else _transposed_bias(bias, G)  # (…, S, G, T)
-    lead = np.broadcast_shapes(qd.shape[:-3], k.shape[:-2], v.shape[:-2], () if bias is None else bias.shape[:-3])
     # Causal attention skips the keys a block of queries cannot see (FlashAttention's outer loop, without its
     # online softmax: each block's softmax is over all the keys it sees). Forward + backward of a (16, 4, T, 32)
     # attention, one thread, all keys at once vs blocks of 64 queries (alternating): T = 128 9.4 -> 8.5 ms,
@@ -778,7 +777,7 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale
     o = _along_queries(xp, outs, unseeing)
 
     def backward(g):
-        g = g.reshape(lead + (G, T, d_v)) if G > 1 else g[..., None, :, :]
+        g = g.reshape(g.shape[:-3] + (-1, G, T, d_v)) if G > 1 else g[..., None, :, :]  # as qd
         gqs, gk, gv = [], None, None
         for a, b, n_keys, qb, e, l, ob in reversed(saved):
             gb = g[..., a:b, :]
