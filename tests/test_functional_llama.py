@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import minirlhf.functional as F
 from minirlhf import Tensor
 from gradcheck import check_device, check_grad
+from test_functional import query_blocks
 
 DEVICE_SETTINGS = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -203,8 +204,8 @@ def test_grouped_query_attention_gradients_match_finite_differences(case, device
     check_everywhere(_gqa(mask, causal), inputs, device)
 
 
-@given(case=gqa_case())
-def test_grouped_query_attention_matches_torch_enable_gqa(case):
+def _torch_gqa(case):
+    """torch's scaled_dot_product_attention with enable_gqa on the same case (causal mask and key mask as one)."""
     torch = pytest.importorskip("torch")
     inputs, mask, causal = case
     T, S = inputs[0].shape[-2], inputs[1].shape[-2]
@@ -215,7 +216,13 @@ def test_grouped_query_attention_matches_torch_enable_gqa(case):
     def theirs(q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=torch.from_numpy(allowed),
                                                                 enable_gqa=True)
-    assert_matches_torch(_gqa(mask, causal), theirs, inputs)
+    return theirs
+
+
+@given(case=gqa_case())
+def test_grouped_query_attention_matches_torch_enable_gqa(case):
+    inputs, mask, causal = case
+    assert_matches_torch(_gqa(mask, causal), _torch_gqa(case), inputs)
 
 
 @given(case=gqa_case())
@@ -233,23 +240,12 @@ def test_grouped_query_attention_equals_attention_over_repeated_kv_heads(case):
 def test_grouped_query_attention_in_blocks_of_queries_matches_torch(case, n):
     """Causal attention runs over blocks of queries, each over the keys it sees: with blocks of 1–3 queries
     the values and gradients are torch's (the default block holds every query of these small cases)."""
-    torch = pytest.importorskip("torch")
     inputs, mask, causal = case
-    T, S = inputs[0].shape[-2], inputs[1].shape[-2]
-    allowed = np.tril(np.ones((T, S), dtype=bool), k=S - T) if causal else np.ones((T, S), dtype=bool)
-    if mask is not None:
-        allowed = allowed & mask
+    theirs = _torch_gqa(case)
 
     def ours(q, k, v):
-        saved, F._QUERY_BLOCK = F._QUERY_BLOCK, n
-        try:
+        with query_blocks(n):
             return _gqa(mask, causal)(q, k, v)
-        finally:
-            F._QUERY_BLOCK = saved
-
-    def theirs(q, k, v):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=torch.from_numpy(allowed),
-                                                                enable_gqa=True)
     assert_matches_torch(ours, theirs, inputs)
 
 
