@@ -8,7 +8,16 @@ machine's speed hits both) and the median of ``--runs`` steps is reported, with 
 torch.set_num_threads is set to the number of threads NumPy's BLAS uses (threadpoolctl's count
 when installed, else OPENBLAS_NUM_THREADS / OMP_NUM_THREADS, else the core count).
 
-    python benchmarks/train_step.py [--runs 15] [--quick] [--profile]
+Before every timed step the script sleeps ``--settle`` seconds (0.25 by default), so that the other
+library's idle worker threads have stopped spinning: after a matrix product OpenBLAS's workers
+busy-wait for about 0.1 s (2^28 cycles) before they sleep, and torch's OpenMP workers briefly after a
+parallel region. With more than one thread and no pause, each library's step runs beside the other's
+spinning workers: on the project's 2-core machine, torch's step took 256–286 ms instead of
+217–224 ms, and minirlhf's 205–216 ms instead of 190–201 ms (two runs of each, one after the other),
+which made minirlhf look faster than it is (0.76x instead of 0.89x). In a real training loop a
+library's steps follow each other, and only its own workers spin.
+
+    python benchmarks/train_step.py [--runs 15] [--settle 0.25] [--quick] [--profile]
 
 OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are set on some of this project's machines (older OpenBLAS
 builds misbehave on their CPUs) and can slow NumPy's matrix products; the script prints them. To
@@ -129,11 +138,15 @@ def main():
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--settle", type=float, default=0.25,
+                        help="seconds to sleep before each timed step, so the other library's workers stop spinning")
     parser.add_argument("--quick", action="store_true", help="3 timed steps of batch 4 (a smoke run)")
     parser.add_argument("--profile", action="store_true", help="cProfile 5 minirlhf steps and print the top")
     args = parser.parse_args()
     if args.quick:
         args.runs, args.batch = 3, 4
+    if args.runs < 1 or args.settle < 0:
+        parser.error(f"--runs must be at least 1 and --settle at least 0 seconds; got {args.runs} and {args.settle}")
 
     import torch
     threads, source = blas_threads()
@@ -175,13 +188,14 @@ def main():
     times = {"minirlhf": [], "torch": []}
     for _ in range(args.runs):
         for name, f in (("minirlhf", ours), ("torch", theirs)):
+            time.sleep(args.settle)
             start = time.perf_counter()
             f()
             times[name].append(time.perf_counter() - start)
     ours_t, torch_t = statistics.median(times["minirlhf"]), statistics.median(times["torch"])
 
     print(f"GPT n_layer=4 n_head=4 n_embd=128 vocab=512, batch {args.batch} x T={args.seq}, float32; "
-          f"median of {args.runs} interleaved steps")
+          f"median of {args.runs} interleaved steps, each after a pause of {args.settle} s")
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores")
     print(f"threads: numpy BLAS {threads} ({source}), torch.set_num_threads({threads}); "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} "
