@@ -8,8 +8,9 @@ machine's speed hits both) and the median of ``--runs`` steps is reported, with 
 torch.set_num_threads is set to the number of threads NumPy's BLAS uses (threadpoolctl's count
 when installed, else OPENBLAS_NUM_THREADS / OMP_NUM_THREADS, else the core count).
 
-Before every timed step the script sleeps ``--settle`` seconds (0.25 by default), so that the other
-library's idle worker threads have stopped spinning: after a matrix product OpenBLAS's workers
+With more than one thread, the script sleeps ``--settle`` seconds (0.25 by default; with one thread 0,
+as there are no workers) before every timed step, so that the other library's idle worker threads have
+stopped spinning: after a matrix product OpenBLAS's workers
 busy-wait for about 0.1 s (2^28 cycles) before they sleep, and torch's OpenMP workers briefly after a
 parallel region. With more than one thread and no pause, each library's step runs beside the other's
 spinning workers: on the project's 2-core machine, torch's step took 256–286 ms instead of
@@ -138,19 +139,21 @@ def main():
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--settle", type=float, default=0.25,
-                        help="seconds to sleep before each timed step, so the other library's workers stop spinning")
+    parser.add_argument("--settle", type=float, default=None,
+                        help="seconds to sleep before each timed step, so the other library's workers stop spinning "
+                             "(default: 0.25 with more than one thread, else 0)")
     parser.add_argument("--quick", action="store_true", help="3 timed steps of batch 4 (a smoke run)")
     parser.add_argument("--profile", action="store_true", help="cProfile 5 minirlhf steps and print the top")
     args = parser.parse_args()
     if args.quick:
         args.runs, args.batch = 3, 4
-    if args.runs < 1 or args.settle < 0:
-        parser.error(f"--runs must be at least 1 and --settle at least 0 seconds; got {args.runs} and {args.settle}")
-
     import torch
     threads, source = blas_threads()
     torch.set_num_threads(threads)
+    if args.settle is None:
+        args.settle = 0.25 if threads > 1 else 0.0
+    if args.runs < 1 or args.settle < 0:
+        parser.error(f"--runs must be at least 1 and --settle at least 0 seconds; got {args.runs} and {args.settle}")
 
     cfg = GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=512, block_size=args.seq, dropout=0.0)
     minirlhf.manual_seed(0)
