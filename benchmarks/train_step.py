@@ -8,17 +8,16 @@ machine's speed hits both) and the median of ``--runs`` steps is reported, with 
 torch.set_num_threads is set to the number of threads NumPy's BLAS uses (threadpoolctl's count
 when installed, else OPENBLAS_NUM_THREADS / OMP_NUM_THREADS, else the core count).
 
-With more than one thread, the script sleeps ``--settle`` seconds (0.25 by default; with one thread 0,
-as there are no workers) before every timed step, so that the other library's idle worker threads have
-stopped spinning: after a matrix product OpenBLAS's workers
-busy-wait for about 0.1 s (2^28 cycles) before they sleep, and torch's OpenMP workers briefly after a
-parallel region. With more than one thread and no pause, each library's step runs beside the other's
-spinning workers: on the project's 2-core machine, torch's step took 256–286 ms instead of
-217–224 ms, and minirlhf's 205–216 ms instead of 190–201 ms (two runs of each, one after the other),
-which made minirlhf look faster than it is (0.76x instead of 0.89x). In a real training loop a
-library's steps follow each other, and only its own workers spin.
+With more than one thread, the script sleeps ``--settle`` seconds (``SETTLE`` by default, none with one
+thread) before every timed step, so that the other library's idle workers have stopped spinning: after a
+matrix product OpenBLAS's workers busy-wait for about 0.1 s (2^28 cycles) before they sleep, and torch's
+OpenMP workers briefly after a parallel region. Without the pause each library's step runs beside the
+other's spinning workers: on the project's 2-core machine, with two threads, torch's step took
+256–286 ms instead of 217–224 ms and minirlhf's 205–216 ms instead of 190–201 ms (two runs of each, one
+after the other), which made minirlhf look faster than it is (0.76x instead of 0.89x). In a real training
+loop a library's steps follow each other, and only its own workers spin.
 
-    python benchmarks/train_step.py [--runs 15] [--settle 0.25] [--quick] [--profile]
+    python benchmarks/train_step.py [--runs 15] [--settle 0.2] [--quick] [--profile]
 
 OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are set on some of this project's machines (older OpenBLAS
 builds misbehave on their CPUs) and can slow NumPy's matrix products; the script prints them. To
@@ -43,6 +42,8 @@ import minirlhf  # noqa: E402
 import minirlhf.functional as F  # noqa: E402
 from minirlhf.model import GPT, GPTConfig  # noqa: E402
 from minirlhf.optim import AdamW  # noqa: E402
+
+SETTLE = 0.2  # s of pause before a timed step, with more than one thread (vs_trl.py pauses as long between turns)
 
 
 def blas_threads():
@@ -141,7 +142,7 @@ def main():
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--settle", type=float, default=None,
                         help="seconds to sleep before each timed step, so the other library's workers stop spinning "
-                             "(default: 0.25 with more than one thread, else 0)")
+                             f"(default: {SETTLE} with more than one thread, else 0)")
     parser.add_argument("--quick", action="store_true", help="3 timed steps of batch 4 (a smoke run)")
     parser.add_argument("--profile", action="store_true", help="cProfile 5 minirlhf steps and print the top")
     args = parser.parse_args()
@@ -151,7 +152,7 @@ def main():
     threads, source = blas_threads()
     torch.set_num_threads(threads)
     if args.settle is None:
-        args.settle = 0.25 if threads > 1 else 0.0
+        args.settle = SETTLE if threads > 1 else 0.0
     if args.runs < 1 or args.settle < 0:
         parser.error(f"--runs must be at least 1 and --settle at least 0 seconds; got {args.runs} and {args.settle}")
 

@@ -69,6 +69,7 @@ from minirlhf.train.dpo import DPOConfig, train_dpo  # noqa: E402
 from minirlhf.train.grpo import GRPOConfig, train_grpo  # noqa: E402
 from minirlhf.train.ppo import PPOConfig, train_ppo, with_value_head  # noqa: E402
 from minirlhf.train.rloo import RLOOConfig, train_rloo  # noqa: E402
+from train_step import SETTLE  # noqa: E402  (benchmarks/, this script's folder: the pause before each turn)
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,6 @@ SIZES = {s.name: s for s in (Size("2x64", 2, 4, 64, 10),
 ALGORITHMS = ("grpo", "dpo", "ppo", "rloo")
 TRL_TRAINERS = {"grpo": "GRPOTrainer", "dpo": "DPOTrainer", "ppo": "RLOOTrainer", "rloo": "RLOOTrainer"}
 WARMUP = 1        # untimed steps per side: the first builds the trainer (and DPO's reference log-probs)
-SETTLE = 0.2      # s between steps: idle BLAS and OpenMP threads spin a while, on the next side's clock
 CONTEXT = 32
 LR = 1e-6         # small, so that the random policy keeps sampling full-length responses on both sides
 PROMPTS, GROUP = 16, 8
