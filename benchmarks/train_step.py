@@ -60,17 +60,31 @@ def blas_threads():
     return os.cpu_count(), "core count"
 
 
-def cpu_name():
-    """The CPU's model name, as lscpu shows it (the figures depend on it: BLAS kernels differ by CPU)."""
+def cpu_info():
+    """(model name as lscpu shows it, whether the CPU has AVX-512) from /proc/cpuinfo where there is one.
+
+    The figures depend on both: OpenBLAS picks its kernels by CPU.
+    """
+    import platform
+    name, flags = platform.processor() or platform.machine() or "unknown CPU", set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
     except OSError:
         pass
-    import platform
-    return platform.processor() or "unknown CPU"
+    return name, "avx512f" in flags
+
+
+def cpu_name():
+    """The CPU's model name, with ", AVX-512" when it has it."""
+    name, avx512 = cpu_info()
+    return name + (", AVX-512" if avx512 else "")
 
 
 def torch_model(cfg, state):

@@ -46,7 +46,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -69,7 +68,7 @@ from minirlhf.train.dpo import DPOConfig, train_dpo  # noqa: E402
 from minirlhf.train.grpo import GRPOConfig, train_grpo  # noqa: E402
 from minirlhf.train.ppo import PPOConfig, train_ppo, with_value_head  # noqa: E402
 from minirlhf.train.rloo import RLOOConfig, train_rloo  # noqa: E402
-from train_step import SETTLE  # noqa: E402  (benchmarks/, this script's folder: the pause before each turn)
+from train_step import SETTLE, cpu_info  # noqa: E402  (benchmarks/, this script's folder: the pause before each turn)
 
 
 @dataclass(frozen=True)
@@ -400,25 +399,9 @@ def measure(algorithm, size, steps, with_trl=True):
 
 
 # ------------------------------------------------------------ the machine and the report
-def cpu_info():
-    """(model name, AVX-512 or not, cores) from /proc/cpuinfo where there is one."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    name = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:
-        pass
-    return name, "avx512f" in flags, os.cpu_count()
-
-
 def machine():
-    name, avx512, cores = cpu_info()
+    name, avx512 = cpu_info()
+    cores = os.cpu_count()
     info = {"cpu": name, "avx512": avx512, "cores": cores, "numpy": np.__version__,
             "blas_threads": int(os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
                                 or cores),
