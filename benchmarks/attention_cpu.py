@@ -11,8 +11,14 @@ The three alternate, each first in turn (so drift in the machine's speed, and wh
 leaves in the caches, hit each alike), the median of ``--runs`` calls is reported, and the outputs are
 checked to agree. torch.set_num_threads is set to the number of threads
 NumPy's BLAS uses (as in train_step.py); freed memory is kept for reuse as the ``minirlhf`` command does.
+With more than one thread each turn starts with a pause of ``--settle`` seconds (train_step.py's
+``SETTLE`` by default, none with one thread), so that no call runs beside the other library's idle
+workers, which spin for a while before they sleep (see train_step.py); then one untimed call, which
+wakes the turn's own workers, and the timed call right after it, as calls follow each other in a
+training loop. (A pause alone would time each call with sleeping workers: at T = 64 torch's call took
+12.2 ms that way, against 5.0 ms with one thread.)
 
-    python benchmarks/attention_cpu.py [--lengths 64 128 256 512] [--runs 20]
+    python benchmarks/attention_cpu.py [--lengths 64 128 256 512] [--runs 20] [--settle 0.2]
 """
 import argparse
 import statistics
@@ -27,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import minirlhf  # noqa: E402
 import minirlhf.functional as F  # noqa: E402
 from minirlhf import Tensor  # noqa: E402
-from train_step import blas_threads, cpu_name  # noqa: E402  (this script's folder is on sys.path)
+from train_step import SETTLE, blas_threads, cpu_name  # noqa: E402  (this script's folder is on sys.path)
 
 B, H, D = 16, 4, 32
 
@@ -58,9 +64,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--settle", type=float, default=None,
+                        help=f"seconds to sleep before each turn (default: {SETTLE} with more than one thread, "
+                             "else 0)")
     args = parser.parse_args()
     if any(T < 1 for T in args.lengths) or args.runs < 1:
-        parser.error("--lengths and --runs must be positive")
+        parser.error(f"--lengths and --runs must be positive; got {args.lengths} and {args.runs}")
+    if args.settle is not None and args.settle < 0:
+        parser.error(f"--settle must be at least 0 seconds; got {args.settle}")
     try:
         import torch
     except ImportError:
@@ -68,10 +79,12 @@ def main():
     threads, source = blas_threads()
     if torch is not None:
         torch.set_num_threads(threads)
+    settle = args.settle if args.settle is not None else (SETTLE if threads > 1 else 0.0)
     minirlhf.backend.keep_freed_memory()
 
     print(f"causal attention forward + backward, q/k/v ({B}, {H}, T, {D}) float32, median of {args.runs} "
-          f"alternating calls; CPU: {cpu_name()}; BLAS threads {threads} ({source})")
+          f"alternating turns (a pause of {settle} s, an untimed call, the timed one)\n"
+          f"CPU: {cpu_name()}; BLAS threads {threads} ({source})")
     print(f"{'T':>5} {'blocks (ms)':>12} {'one block (ms)':>15} {'torch (ms)':>11} {'one block/blocks':>17} "
           f"{'blocks/torch':>13}")
     rng = np.random.default_rng(0)
@@ -88,6 +101,8 @@ def main():
         names = list(ways)
         for run in range(args.runs):
             for name in names[run % len(names):] + names[:run % len(names)]:  # each way first in turn
+                time.sleep(settle)
+                ways[name]()
                 start = time.perf_counter()
                 ways[name]()
                 times[name].append(time.perf_counter() - start)
