@@ -130,7 +130,7 @@ def run_stage_command(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    backend.keep_freed_memory()  # NumPy steps reuse big temporaries: half the reward model's step time (see backend)
+    backend.keep_freed_memory()  # NumPy steps free and reuse big temporaries: fewer page faults (see backend)
     try:
         if args.command == "demo":
             from .train.demo import run_demo
