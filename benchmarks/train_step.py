@@ -18,6 +18,12 @@ after the other), which made minirlhf look faster than it is (0.76x instead of 0
 loop a library's steps follow each other, and only its own workers spin.
 
     python benchmarks/train_step.py [--runs 15] [--settle 0.2] [--quick] [--profile]
+    python benchmarks/train_step.py --breakdown [--runs 15]
+
+``--breakdown`` times minirlhf's step alone (no torch in the process; freed memory kept for reuse, as
+the ``minirlhf`` command does) and where it goes: the linear layers, attention, GELU and layer norm,
+each timed in place, forward and backward, and the rest of the step (the autograd engine, AdamW,
+cross-entropy, the embeddings and the reshapes between ops).
 
 OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are set on some of this project's machines (older OpenBLAS
 builds misbehave on their CPUs) and can slow NumPy's matrix products; the script prints them. To
@@ -85,6 +91,48 @@ def cpu_name():
     """The CPU's model name, with ", AVX-512" when it has it."""
     name, avx512 = cpu_info()
     return name + (", AVX-512" if avx512 else "")
+
+
+TIMED_OPS = {"linear": "linear layers", "scaled_dot_product_attention": "attention", "gelu": "GELU",
+             "layer_norm": "layer norm"}
+
+
+def breakdown(step, runs):
+    """(ms per step in each of TIMED_OPS, forward and backward; ms per step): ``step`` run ``runs`` times
+    with each op of ``minirlhf.functional`` wrapped in a timer, its backward too."""
+    spent = dict.fromkeys(TIMED_OPS, 0.0)
+    originals = {name: getattr(F, name) for name in TIMED_OPS}
+
+    def timed(name, op):
+        def forward(*args, **kwargs):
+            start = time.perf_counter()
+            out = op(*args, **kwargs)
+            spent[name] += time.perf_counter() - start
+            backward = out._backward
+            if backward is not None:
+                def timed_backward(g):
+                    start = time.perf_counter()
+                    grads = backward(g)
+                    spent[name] += time.perf_counter() - start
+                    return grads
+                out._backward = timed_backward
+            return out
+        return forward
+
+    for name, op in originals.items():
+        setattr(F, name, timed(name, op))
+    try:
+        step()  # warm-up
+        for name in spent:
+            spent[name] = 0.0
+        start = time.perf_counter()
+        for _ in range(runs):
+            step()
+        total = time.perf_counter() - start
+    finally:
+        for name, op in originals.items():
+            setattr(F, name, op)
+    return {name: t / runs * 1e3 for name, t in spent.items()}, total / runs * 1e3
 
 
 def torch_model(cfg, state):
@@ -159,11 +207,18 @@ def main():
                              f"(default: {SETTLE} with more than one thread, else 0)")
     parser.add_argument("--quick", action="store_true", help="3 timed steps of batch 4 (a smoke run)")
     parser.add_argument("--profile", action="store_true", help="cProfile 5 minirlhf steps and print the top")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="time minirlhf's step alone, and in place its linear layers, attention, GELU and "
+                             "layer norm")
     args = parser.parse_args()
     if args.quick:
         args.runs, args.batch = 3, 4
-    import torch
     threads, source = blas_threads()
+    if args.breakdown:
+        if args.runs < 1:
+            parser.error(f"--runs must be at least 1; got {args.runs}")
+        return print_breakdown(args, threads, source)
+    import torch
     torch.set_num_threads(threads)
     if args.settle is None:
         args.settle = SETTLE if threads > 1 else 0.0
@@ -223,6 +278,32 @@ def main():
     print(f"{'minirlhf (numpy ' + np.__version__ + ')':<40} {ours_t * 1e3:>10.1f}")
     print(f"{tname + ' (torch ' + torch.__version__ + ')':<40} {torch_t * 1e3:>10.1f}")
     print(f"ratio minirlhf / torch: {ours_t / torch_t:.2f}x")
+
+
+def print_breakdown(args, threads, source):
+    minirlhf.backend.keep_freed_memory()
+    cfg = GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=512, block_size=args.seq, dropout=0.0)
+    minirlhf.manual_seed(0)
+    model = GPT(cfg)
+    opt = AdamW(model.parameters(), lr=1e-4)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq))
+
+    def step():
+        loss = F.cross_entropy(model(ids)[:, :-1], ids[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    spent, total = breakdown(step, args.runs)
+    print(f"minirlhf's step alone: GPT n_layer=4 n_head=4 n_embd=128 vocab=512, batch {args.batch} x T={args.seq}, "
+          f"float32; mean of {args.runs} steps after one untimed")
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; numpy BLAS threads {threads} ({source})")
+    print(f"{'part of the step (forward + backward)':<44} {'ms':>8} {'share':>7}")
+    for name, label in TIMED_OPS.items():
+        print(f"{label:<44} {spent[name]:>8.1f} {spent[name] / total:>7.0%}")
+    rest = total - sum(spent.values())
+    print(f"{'the rest (engine, AdamW, loss, embeddings)':<44} {rest:>8.1f} {rest / total:>7.0%}")
+    print(f"{'step':<44} {total:>8.1f}")
 
 
 if __name__ == "__main__":

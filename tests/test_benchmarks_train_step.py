@@ -1,0 +1,62 @@
+"""benchmarks/train_step.py --breakdown: the ops it times compute what they computed, forward and
+backward, and are put back afterwards, also when the step fails."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import minirlhf.functional as F
+from minirlhf import Tensor
+
+BENCHMARKS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+
+@pytest.fixture(scope="module")
+def train_step():
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        import train_step
+        yield train_step
+    finally:
+        sys.path.remove(BENCHMARKS)
+
+
+def mlp_step(x, w, ln_weight, results):
+    def step():
+        y = F.gelu(F.layer_norm(F.linear(x, w), (w.shape[0],), ln_weight))
+        (y * y).sum().backward()
+        results.append((y.data.copy(), x.grad.copy(), w.grad.copy(), ln_weight.grad.copy()))
+        for p in (x, w, ln_weight):
+            p.grad = None
+    return step
+
+
+def test_breakdown_times_the_ops_it_wraps_and_leaves_what_they_compute(train_step):
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.standard_normal((3, 5, 8)), requires_grad=True)
+    w = Tensor(rng.standard_normal((6, 8)), requires_grad=True)
+    ln_weight = Tensor(rng.standard_normal(6), requires_grad=True)
+    plain, timed = [], []
+    mlp_step(x, w, ln_weight, plain)()
+    spent, total = train_step.breakdown(mlp_step(x, w, ln_weight, timed), runs=2)
+    assert len(timed) == 3  # the warm-up and two timed steps
+    for got in timed:
+        for a, b in zip(got, plain[0]):
+            np.testing.assert_array_equal(a, b)
+    assert set(spent) == set(train_step.TIMED_OPS)
+    assert spent["linear"] > 0 and spent["gelu"] > 0 and spent["layer_norm"] > 0
+    assert spent["scaled_dot_product_attention"] == 0  # not called by this step
+    assert sum(spent.values()) <= total
+
+
+def test_breakdown_puts_the_ops_back_when_the_step_fails(train_step):
+    originals = {name: getattr(F, name) for name in train_step.TIMED_OPS}
+
+    def failing():
+        assert F.linear is not originals["linear"]  # wrapped while the step runs
+        raise RuntimeError("step failed")
+
+    with pytest.raises(RuntimeError, match="step failed"):
+        train_step.breakdown(failing, runs=1)
+    assert {name: getattr(F, name) for name in train_step.TIMED_OPS} == originals
