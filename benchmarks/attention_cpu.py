@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import minirlhf  # noqa: E402
 import minirlhf.functional as F  # noqa: E402
 from minirlhf import Tensor  # noqa: E402
-from train_step import SETTLE, blas_threads, cpu_name  # noqa: E402  (this script's folder is on sys.path)
+from train_step import SETTLE, blas_threads, cpu_name, settle_for  # noqa: E402  (this script's folder is on sys.path)
 
 B, H, D = 16, 4, 32
 
@@ -79,7 +79,7 @@ def main():
     threads, source = blas_threads()
     if torch is not None:
         torch.set_num_threads(threads)
-    settle = args.settle if args.settle is not None else (SETTLE if threads > 1 else 0.0)
+    settle = settle_for(threads, args.settle)
     minirlhf.backend.keep_freed_memory()
 
     print(f"causal attention forward + backward, q/k/v ({B}, {H}, T, {D}) float32, median of {args.runs} "

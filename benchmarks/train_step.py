@@ -93,6 +93,32 @@ def cpu_name():
     return name + (", AVX-512" if avx512 else "")
 
 
+def minirlhf_step(batch, seq):
+    """(config, model, ids, step): the benchmark's GPT with AdamW, a fixed batch of token ids, and
+    ``step()``, one training step on it (next-token cross-entropy at every position) returning the loss."""
+    cfg = GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=512, block_size=seq, dropout=0.0)
+    minirlhf.manual_seed(0)
+    model = GPT(cfg)
+    opt = AdamW(model.parameters(), lr=1e-4)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq))
+
+    def step():
+        logits = model(ids)
+        loss = F.cross_entropy(logits[:, :-1], ids[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.item()
+    return cfg, model, ids, step
+
+
+def settle_for(threads, asked=None):
+    """The pause before a timed turn: ``asked`` when given, else SETTLE with more than one thread, else 0."""
+    if asked is not None:
+        return asked
+    return SETTLE if threads > 1 else 0.0
+
+
 TIMED_OPS = {"linear": "linear layers", "scaled_dot_product_attention": "attention", "gelu": "GELU",
              "layer_norm": "layer norm"}
 
@@ -220,28 +246,14 @@ def main():
         return print_breakdown(args, threads, source)
     import torch
     torch.set_num_threads(threads)
-    if args.settle is None:
-        args.settle = SETTLE if threads > 1 else 0.0
+    args.settle = settle_for(threads, args.settle)
     if args.runs < 1 or args.settle < 0:
         parser.error(f"--runs must be at least 1 and --settle at least 0 seconds; got {args.runs} and {args.settle}")
 
-    cfg = GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=512, block_size=args.seq, dropout=0.0)
-    minirlhf.manual_seed(0)
-    model = GPT(cfg)
-    opt = AdamW(model.parameters(), lr=1e-4)
+    cfg, model, ids, ours = minirlhf_step(args.batch, args.seq)
     tmodel, tname = torch_model(cfg, {k: v.copy() for k, v in model.state_dict().items()})
     topt = torch.optim.AdamW(tmodel.parameters(), lr=1e-4)
-
-    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq))
     tids = torch.from_numpy(ids)
-
-    def ours():
-        logits = model(ids)
-        loss = F.cross_entropy(logits[:, :-1], ids[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss.item()
 
     def theirs():
         loss = tmodel(tids, labels=tids).loss
@@ -282,18 +294,7 @@ def main():
 
 def print_breakdown(args, threads, source):
     minirlhf.backend.keep_freed_memory()
-    cfg = GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=512, block_size=args.seq, dropout=0.0)
-    minirlhf.manual_seed(0)
-    model = GPT(cfg)
-    opt = AdamW(model.parameters(), lr=1e-4)
-    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq))
-
-    def step():
-        loss = F.cross_entropy(model(ids)[:, :-1], ids[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-
+    step = minirlhf_step(args.batch, args.seq)[-1]
     spent, total = breakdown(step, args.runs)
     print(f"minirlhf's step alone: GPT n_layer=4 n_head=4 n_embd=128 vocab=512, batch {args.batch} x T={args.seq}, "
           f"float32; mean of {args.runs} steps after one untimed")
