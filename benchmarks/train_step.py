@@ -9,7 +9,7 @@ torch.set_num_threads is set to the number of threads NumPy's BLAS uses (threadp
 when installed, else OPENBLAS_NUM_THREADS / OMP_NUM_THREADS, else the core count).
 
 With more than one thread, the script sleeps ``--settle`` seconds (``SETTLE`` by default, none with one
-thread) before every timed step, so that the other library's idle workers have stopped spinning: after a
+thread, ``SETTLE_REPLICAS`` with ``--replicas``) before every timed step, so that the other library's idle workers have stopped spinning: after a
 matrix product OpenBLAS's workers busy-wait for about 0.1 s (2^28 cycles) before they sleep, and torch's
 OpenMP workers briefly after a parallel region. Without the pause each library's step runs beside the
 other's spinning workers: on the project's 2-core machine, with two threads, torch's step took
@@ -17,7 +17,15 @@ other's spinning workers: on the project's 2-core machine, with two threads, tor
 after the other), which made minirlhf look faster than it is (0.76x instead of 0.89x). In a real training
 loop a library's steps follow each other, and only its own workers spin.
 
-    python benchmarks/train_step.py [--runs 15] [--settle 0.2] [--quick] [--profile]
+With ``--replicas N`` minirlhf's step runs as N data-parallel threads of one BLAS thread each
+(``minirlhf.distributed.replicas``), each on batch/N rows, the gradients summed: the whole batch's step.
+Its pause is shorter, since no BLAS worker of minirlhf's spins: torch's step took the same time after
+pauses of 0, 0.02 and 0.2 s (95.9, 97.0, 96.9 ms on the 2-core Intel machine), but after a pause of 0.1 s
+or more with both cores idle the replicas' next step was 20-30 ms slower (alone: 99.9 ms after no pause,
+104 after 0.02 s, 119 after 0.1 s, 127 after 0.2 s, 101 after 0.2 s with one core kept busy), which a
+training loop, whose steps follow each other, never sees.
+
+    python benchmarks/train_step.py [--runs 15] [--settle 0.2] [--replicas N] [--quick] [--profile]
     python benchmarks/train_step.py --breakdown [--runs 15]
 
 ``--breakdown`` times minirlhf's step alone (no torch in the process; freed memory kept for reuse, as
@@ -46,10 +54,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import minirlhf  # noqa: E402
 import minirlhf.functional as F  # noqa: E402
+from minirlhf.distributed import replicas, share, world  # noqa: E402
 from minirlhf.model import GPT, GPTConfig  # noqa: E402
 from minirlhf.optim import AdamW  # noqa: E402
 
 SETTLE = 0.2  # s of pause before a timed step, with more than one thread (vs_trl.py pauses as long between turns)
+# with replicas minirlhf has no BLAS workers that spin, and torch's OpenMP workers stop within this
+SETTLE_REPLICAS = 0.02
 
 
 def blas_threads():
@@ -95,27 +106,38 @@ def cpu_name():
 
 def minirlhf_step(batch, seq):
     """(config, model, ids, step): the benchmark's GPT with AdamW, a fixed batch of token ids, and
-    ``step()``, one training step on it (next-token cross-entropy at every position) returning the loss."""
+    ``step()``, one training step on it (next-token cross-entropy at every position) returning the loss.
+
+    In a replica of ``minirlhf.distributed.replicas`` the step trains on the replica's share of the rows,
+    weighted by that share, and sums the gradients over replicas: the whole batch's step, data parallel.
+    """
     cfg = GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=512, block_size=seq, dropout=0.0)
     minirlhf.manual_seed(0)
     model = GPT(cfg)
     opt = AdamW(model.parameters(), lr=1e-4)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq))
+    ranks = world()
+    mine = ids[share(batch, ranks.size, ranks.rank)]
+    weight = len(mine) / batch  # every row has seq - 1 targets: the share of the tokens
 
     def step():
-        logits = model(ids)
-        loss = F.cross_entropy(logits[:, :-1], ids[:, 1:])
-        loss.backward()
+        logits = model(mine)
+        loss = F.cross_entropy(logits[:, :-1], mine[:, 1:])
+        (loss * weight if ranks.size > 1 else loss).backward()
+        ranks.sum_gradients(model.parameters())
         opt.step()
         opt.zero_grad()
-        return loss.item()
+        return ranks.sum(loss.item() * weight)
     return cfg, model, ids, step
 
 
-def settle_for(threads, asked=None):
-    """The pause before a timed turn: ``asked`` when given, else SETTLE with more than one thread, else 0."""
+def settle_for(threads, asked=None, replicas=1):
+    """The pause before a timed turn: ``asked`` when given; else with replicas SETTLE_REPLICAS, with more
+    than one BLAS thread SETTLE, with one thread none."""
     if asked is not None:
         return asked
+    if replicas > 1:
+        return SETTLE_REPLICAS
     return SETTLE if threads > 1 else 0.0
 
 
@@ -231,6 +253,9 @@ def main():
     parser.add_argument("--settle", type=float, default=None,
                         help="seconds to sleep before each timed step, so the other library's workers stop spinning "
                              f"(default: {SETTLE} with more than one thread, else 0)")
+    parser.add_argument("--replicas", type=int, default=1, metavar="N",
+                        help="minirlhf's step as N data-parallel threads of one BLAS thread each "
+                             "(minirlhf.distributed.replicas), each on batch/N rows; default 1")
     parser.add_argument("--quick", action="store_true", help="3 timed steps of batch 4 (a smoke run)")
     parser.add_argument("--profile", action="store_true", help="cProfile 5 minirlhf steps and print the top")
     parser.add_argument("--breakdown", action="store_true",
@@ -246,11 +271,37 @@ def main():
         return print_breakdown(args, threads, source)
     import torch
     torch.set_num_threads(threads)
-    args.settle = settle_for(threads, args.settle)
+    args.settle = settle_for(threads, args.settle, args.replicas)
     if args.runs < 1 or args.settle < 0:
         parser.error(f"--runs must be at least 1 and --settle at least 0 seconds; got {args.runs} and {args.settle}")
+    if args.replicas < 1 or args.replicas > args.batch:
+        parser.error(f"--replicas must be between 1 and --batch ({args.batch}); got {args.replicas}")
+    if args.replicas > 1:
+        # minirlhf's side as replica threads of one BLAS thread each; torch's steps run in replica 0's
+        # thread while the other replicas wait (asleep) at a barrier. Freed memory is kept, as the minirlhf
+        # command does: without it the replicas' page faults contend for the kernel's lock on the address
+        # space (train step 126 ms without, 96 ms with, replicas alone on the 2-core Intel machine)
+        minirlhf.backend.keep_freed_memory()
+        replicas(args.replicas, compare, args, threads, source)
+    else:
+        compare(args, threads, source)
 
+
+def compare(args, threads, source):
+    """The side-by-side run: alternating steps, medians, the ratio (on replica 0 with --replicas)."""
+    import torch
+    ranks = world()
     cfg, model, ids, ours = minirlhf_step(args.batch, args.seq)
+    if ranks.rank != 0:  # another replica: one step each time replica 0 takes one
+        for _ in range(1 + (5 if args.profile else 0) + args.runs):
+            ranks.barrier()
+            ours()
+        return
+
+    def ours_together():
+        ranks.barrier()
+        return ours()
+
     tmodel, tname = torch_model(cfg, {k: v.copy() for k, v in model.state_dict().items()})
     topt = torch.optim.AdamW(tmodel.parameters(), lr=1e-4)
     tids = torch.from_numpy(ids)
@@ -262,17 +313,17 @@ def main():
         topt.zero_grad()
         return loss.item()
 
-    l0, t0 = ours(), theirs()  # warm-up; the losses agree since the weights do
+    l0, t0 = ours_together(), theirs()  # warm-up; the losses agree since the weights do
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(5):
-            ours()
+            ours_together()
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     times = {"minirlhf": [], "torch": []}
     for _ in range(args.runs):
-        for name, f in (("minirlhf", ours), ("torch", theirs)):
+        for name, f in (("minirlhf", ours_together), ("torch", theirs)):
             time.sleep(args.settle)
             start = time.perf_counter()
             f()
@@ -282,12 +333,15 @@ def main():
     print(f"GPT n_layer=4 n_head=4 n_embd=128 vocab=512, batch {args.batch} x T={args.seq}, float32; "
           f"median of {args.runs} interleaved steps, each after a pause of {args.settle} s")
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores")
-    print(f"threads: numpy BLAS {threads} ({source}), torch.set_num_threads({threads}); "
+    mine = (f"minirlhf {ranks.size} replicas (threads) of numpy BLAS {blas_threads()[0]} thread" if ranks.size > 1
+            else f"numpy BLAS {threads} ({source})")
+    print(f"threads: {mine}, torch.set_num_threads({threads}) (torch sees {torch.get_num_threads()}); "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} "
           f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '(unset)')}")
     print(f"first-step loss: minirlhf {l0:.5f}, torch {t0:.5f}")
     print(f"{'implementation':<40} {'step (ms)':>10}")
-    print(f"{'minirlhf (numpy ' + np.__version__ + ')':<40} {ours_t * 1e3:>10.1f}")
+    label = f"minirlhf (numpy {np.__version__}{f', {ranks.size} replicas' if ranks.size > 1 else ''})"
+    print(f"{label:<40} {ours_t * 1e3:>10.1f}")
     print(f"{tname + ' (torch ' + torch.__version__ + ')':<40} {torch_t * 1e3:>10.1f}")
     print(f"ratio minirlhf / torch: {ours_t / torch_t:.2f}x")
 

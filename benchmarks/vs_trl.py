@@ -60,6 +60,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import minirlhf  # noqa: E402
+from minirlhf.distributed import replicas as replicas_of, world  # noqa: E402
 from minirlhf.model import GPT, GPTConfig, RewardModel  # noqa: E402
 from minirlhf.tasks import Problem, perturbations, rule_reward  # noqa: E402
 from minirlhf.tasks.environment import AdditionEnvironment, TaskConfig  # noqa: E402
@@ -136,6 +137,21 @@ def minirlhf_models(algorithm, size, task, seed=0):
     if algorithm != "ppo":
         return policy, reference, None
     return with_value_head(policy), reference, RewardModel(cfg)
+
+
+def minirlhf_replicas(algorithm, size, task, steps, replicas):
+    """``train(on_step_end)``: minirlhf's trainer as ``replicas`` data-parallel threads
+    (``minirlhf.distributed.replicas``), each with its own copy of the models; replica 0 calls back after
+    each step and the others wait for it, so that no replica starts a step before the clock does."""
+    def train(end):
+        def replica():
+            def step_end():
+                if world().rank == 0:
+                    end()
+                world().barrier()
+            minirlhf_train(algorithm, minirlhf_models(algorithm, size, task), task, steps)(step_end)
+        replicas_of(replicas, replica)
+    return train
 
 
 def minirlhf_train(algorithm, models, task, steps):
@@ -313,7 +329,7 @@ class StepClock:
         self.wait_for_go()
 
 
-def side_process(conn, side, algorithm, size_name, steps):
+def side_process(conn, side, algorithm, size_name, steps, replicas=1):
     """One side of one row in its own process: set up, say "ready", then one trainer step per "go"."""
     try:
         quiet_libraries()
@@ -322,8 +338,12 @@ def side_process(conn, side, algorithm, size_name, steps):
         task = addition_task()
         models = minirlhf_models(algorithm, SIZES[size_name], task)
         with tempfile.TemporaryDirectory() as folder:
-            train = (trl_train(algorithm, models, task, steps, folder) if side == "trl"
-                     else minirlhf_train(algorithm, models, task, steps))
+            if side == "trl":
+                train = trl_train(algorithm, models, task, steps, folder)
+            elif replicas > 1:
+                train = minirlhf_replicas(algorithm, SIZES[size_name], task, steps, replicas)
+            else:
+                train = minirlhf_train(algorithm, models, task, steps)
             clock = StepClock(conn)
             conn.send(("ready", task.vocab_size))
             clock.wait_for_go()
@@ -356,7 +376,7 @@ def receive(conn, expected, side):
     return value
 
 
-def measure(algorithm, size, steps, with_trl=True):
+def measure(algorithm, size, steps, with_trl=True, replicas=1):
     """One row: each side in its own process, ``steps`` timed steps after WARMUP untimed ones, the sides
     taking turns one step at a time; times in ms."""
     total = WARMUP + steps
@@ -366,8 +386,8 @@ def measure(algorithm, size, steps, with_trl=True):
     try:
         for name in names:
             pipes[name], child = context.Pipe()
-            processes.append(context.Process(target=side_process, args=(child, name, algorithm, size.name, total),
-                                             daemon=True))
+            processes.append(context.Process(target=side_process, daemon=True,
+                                             args=(child, name, algorithm, size.name, total, replicas)))
             processes[-1].start()
         vocab_size = [receive(pipes[name], "ready", name) for name in names][0]
         times = {name: [] for name in names}
@@ -388,7 +408,7 @@ def measure(algorithm, size, steps, with_trl=True):
                 process.terminate()
     row = {"algorithm": algorithm, "size": size.name, "n_layer": size.n_layer, "n_head": size.n_head,
            "n_embd": size.n_embd, "vocab_size": vocab_size, "context": CONTEXT, "warmup": WARMUP,
-           "load_average": os.getloadavg()[0],
+           "load_average": os.getloadavg()[0], "replicas": replicas,
            "steps": steps, "minirlhf_ms": times["minirlhf"],
            "minirlhf_median_ms": statistics.median(times["minirlhf"])}
     if with_trl:
@@ -436,9 +456,14 @@ def main(argv=None):
                         help="timed steps per side and row (default: "
                         + ", ".join(f"{s.name}: {s.steps}" for s in SIZES.values()) + ")")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows and the machine to PATH")
+    parser.add_argument("--replicas", type=int, default=1, metavar="N",
+                        help="run minirlhf's side as N data-parallel threads with one BLAS thread each "
+                        "(minirlhf.distributed.replicas; default 1: one thread, BLAS with its own threads)")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be a positive integer, got {args.steps}")
+    if args.replicas < 1:
+        parser.error(f"--replicas must be a positive integer, got {args.replicas}")
     missing = trl_missing()
     if missing:
         print(missing, file=sys.stderr)
@@ -447,13 +472,15 @@ def main(argv=None):
     info = machine()
     print(f"CPU: {info['cpu']} ({info['cores']} cores, AVX-512: {'yes' if info['avx512'] else 'no'}); "
           f"load average {info['load_average'][0]:.2f}")
-    print(f"threads: NumPy BLAS {info['blas_threads']}, torch {info['torch_threads']}; numpy {info['numpy']}, "
+    mine = (f"minirlhf {args.replicas} replicas (threads) of 1 BLAS thread" if args.replicas > 1
+            else f"NumPy BLAS {info['blas_threads']}")
+    print(f"threads: {mine}, torch {info['torch_threads']}; numpy {info['numpy']}, "
           f"torch {info['torch']}, transformers {info['transformers']}, trl {info['trl']}")
     rows = []
     for name in args.sizes:
         size = SIZES[name]
         for algorithm in ALGORITHMS:
-            rows.append(measure(algorithm, size, args.steps or size.steps))
+            rows.append(measure(algorithm, size, args.steps or size.steps, replicas=args.replicas))
             r = rows[-1]
             print(f"{algorithm:>4} {size.label:>8}: minirlhf {r['minirlhf_median_ms']:8.0f} ms, "
                   f"TRL {r['trl_median_ms']:8.0f} ms, {r['ratio']:.2f}x (load {r['load_average']:.1f})", flush=True)

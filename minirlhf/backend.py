@@ -6,6 +6,12 @@ Following Chainer, every op asks its inputs for their array module
 CuPy is imported lazily: ``import minirlhf`` works without it, and with it
 installed on a machine that has no GPU.
 """
+import contextlib
+import copy
+import os
+import threading
+import warnings
+
 import numpy as np
 
 _cupy = None
@@ -115,20 +121,60 @@ def _scatter_add_rows(target, rows, values):
 
 
 _generators = {}
+_replica = threading.local()  # a data-parallel replica's own generators (distributed.replicas)
+
+
+def _generators_here():
+    own = getattr(_replica, "generators", None)
+    return _generators if own is None else own
 
 
 def manual_seed(seed):
     """Seed the generators behind dropout and default parameter initialisation."""
-    _generators.clear()
-    _generators["seed"] = int(seed)
+    generators = _generators_here()
+    generators.clear()
+    generators["seed"] = int(seed)
 
 
 def generator(device="cpu"):
-    """The global random generator of ``device`` (seeded by :func:`manual_seed`)."""
-    if device not in _generators:
-        seed = _generators.get("seed", 0)
-        _generators[device] = xp_for(device).random.default_rng(seed)
-    return _generators[device]
+    """The global random generator of ``device`` (seeded by :func:`manual_seed`); in a replica thread of
+    :func:`minirlhf.distributed.replicas`, that replica's own."""
+    generators = _generators_here()
+    if device not in generators:
+        generators[device] = xp_for(device).random.default_rng(generators.get("seed", 0))
+    return generators[device]
+
+
+def copy_generators(generators=None):
+    """A copy of ``generators`` (default: the calling thread's): what a replica thread starts from, so
+    that N replicas draw what N processes forked from this one would (the same weights from one seed)."""
+    generators = _generators_here() if generators is None else generators
+    return {name: g if name == "seed" else copy.deepcopy(g) for name, g in generators.items()}
+
+
+def use_generators(generators):
+    """Make ``generators`` (from :func:`copy_generators`) this thread's own; None: the process's again."""
+    _replica.generators = generators
+
+
+@contextlib.contextmanager
+def blas_threads(n):
+    """NumPy's BLAS limited to ``n`` threads inside the block (process-wide), with threadpoolctl.
+
+    Without threadpoolctl the limit cannot be set from Python once NumPy is loaded: the block runs
+    unchanged, with a warning unless OPENBLAS_NUM_THREADS / OMP_NUM_THREADS already say ``n``.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        told = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+        if told != str(n):
+            warnings.warn(f"cannot limit NumPy's BLAS to {n} thread(s): pip install threadpoolctl, or set "
+                          f"OPENBLAS_NUM_THREADS={n} before starting Python", RuntimeWarning, stacklevel=3)
+        yield
+        return
+    with threadpool_limits(limits=n, user_api="blas"):
+        yield
 
 
 def keep_freed_memory(nbytes=1 << 30):

@@ -19,7 +19,7 @@ import json
 import sys
 
 from . import backend
-from .distributed import world
+from .distributed import replicas, world
 
 # settings a later stage takes from the --sft run unless given
 INHERITED = {"seed": "the --sft run's seed", "max_new_tokens": "the task's answer length, digits + 3 (5 for 2 digits)"}
@@ -72,6 +72,7 @@ def build_parser():
     demo.add_argument("--seed", type=_seed, default=0, help="default 0")
     demo.add_argument("--overwrite", action="store_true", help="replace a previous demo in --out")
     demo.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_replicas(demo)
     from .lab import EXPERIMENTS
     lab = sub.add_parser("lab", help="an experiment that reproduces a paper's figure (minirlhf.lab)")
     lab.add_argument("experiment", help=f"one of: {', '.join(EXPERIMENTS)}")
@@ -90,8 +91,26 @@ def build_parser():
         p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
         p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
         p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress line on stderr")
+        _add_replicas(p)
         _add_settings(p, stage)
     return parser
+
+
+def _add_replicas(parser):
+    parser.add_argument("--replicas", type=_positive, default=1, metavar="N",
+                        help="train as N data-parallel threads of this process, each with one BLAS thread "
+                        "(minirlhf.distributed.replicas): on N cores, faster than one process whose BLAS "
+                        "alone uses them; default 1")
+
+
+def _positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _seed(text):
@@ -134,7 +153,7 @@ def main(argv=None):
     try:
         if args.command == "demo":
             from .train.demo import run_demo
-            run_demo(out=args.out, quick=args.quick, seed=args.seed, progress=args.progress,
+            replicas(args.replicas, run_demo, out=args.out, quick=args.quick, seed=args.seed, progress=args.progress,
                      overwrite=args.overwrite)
             return 0
         if args.command == "lab":
@@ -144,7 +163,7 @@ def main(argv=None):
             EXPERIMENTS[args.experiment](out=args.out, quick=args.quick, seed=args.seed, progress=args.progress,
                                          overwrite=args.overwrite)
             return 0
-        metrics = run_stage_command(args)
+        metrics = replicas(args.replicas, run_stage_command, args)
     except (ValueError, OSError) as e:
         print(f"minirlhf {args.command}: error: {e}", file=sys.stderr)
         if world().size > 1:

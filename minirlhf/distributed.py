@@ -15,24 +15,38 @@ few tokens more than a token of a rank with many: a biased gradient whenever the
 Without a launcher (none of its variables in the environment) the world is one process and
 mpi4py is never imported. With CuPy, rank r uses GPU r mod (GPUs on its node) and the gradients
 are summed by NCCL, whose id rank 0 makes and MPI broadcasts.
+
+Without MPI, :func:`replicas` runs the same program as N threads of one process (``minirlhf grpo
+--replicas 2``): each thread is a rank of a :class:`ThreadWorld`, with its own copy of the model and
+of the random generators, and the collectives meet at a barrier instead of a network. NumPy releases
+the GIL inside its array loops and BLAS calls, so two replicas with one BLAS thread each keep two cores
+busy with everything a step does, where one process with two BLAS threads runs only the matrix
+products on both (the elementwise work, layer norm, softmax, GELU, AdamW, stays on one core).
 """
 import os
 import sys
+import threading
 import traceback
 
 import numpy as np
 
+from . import backend
 from .backend import cupy_or_none, is_cupy_array, to_numpy
 
 # set by mpiexec / mpirun (MPICH's Hydra, Open MPI, PMIx, MVAPICH) in every process it starts
 LAUNCHER_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 
 _world = None
+_replica = threading.local()  # the ThreadWorld of a replica thread (see replicas)
 
 
 def world():
-    """The processes of this job: an :class:`MPIWorld` under a launcher, else the :class:`SingleProcess`."""
+    """The ranks of this job: in a replica thread its :class:`ThreadWorld`, else an :class:`MPIWorld` under
+    a launcher, else the :class:`SingleProcess`."""
     global _world
+    own = getattr(_replica, "world", None)
+    if own is not None:
+        return own
     if _world is None:
         _world = MPIWorld() if any(v in os.environ for v in LAUNCHER_VARIABLES) else SingleProcess()
     return _world
@@ -150,3 +164,164 @@ class MPIWorld(SingleProcess):
     def abort(self, code=1):
         sys.stderr.flush()
         self.comm.Abort(code)
+
+
+class ThreadWorld(SingleProcess):
+    """Replica ``rank`` of ``size`` threads of one process, started by :func:`replicas`.
+
+    A collective posts this replica's value in its slot of the shared ``meeting``, waits at the barrier
+    until every replica has posted, computes the result from all slots in rank order (each replica
+    itself, so all get the same bits: the sum of two replicas' gradients is g_0 + g_1 on both), and
+    waits again, so that no replica changes what it posted, or posts the next value, while another
+    still reads. A replica that raises, or returns while the others still meet, breaks the barrier:
+    the others' next collective raises instead of waiting forever.
+    """
+
+    def __init__(self, meeting, rank):
+        self.meeting, self.rank, self.size = meeting, rank, meeting.parties
+
+    def _all(self, value, combine):
+        """``combine(values)``, the replicas' ``value`` in rank order."""
+        slots = self.meeting.slots
+        slots[self.rank] = value
+        try:
+            self.meeting.wait()
+            result = combine(list(slots))
+            self.meeting.wait()
+        except _Stopped:
+            raise RuntimeError(f"replica {self.rank} of {self.size}: another replica stopped (it raised, or "
+                               "returned without this collective)") from None
+        return result
+
+    def sum(self, values):
+        scalar = np.ndim(values) == 0
+
+        def add(all_values):
+            total = np.zeros(np.shape(values), dtype=np.float64)
+            for v in all_values:
+                total += np.asarray(v, dtype=np.float64)
+            return float(total) if scalar else total
+        return self._all(values, add)
+
+    def max(self, value):
+        return self._all(value, max)
+
+    def gather(self, rows):
+        rows = to_numpy(rows)
+
+        def concatenate(all_rows):
+            tails = {r.shape[1:] for r in all_rows}
+            if len(tails) != 1:
+                raise ValueError(f"gather: the ranks' rows have different trailing shapes; rank {self.rank} has "
+                                 f"{rows.shape[1:]}")
+            return np.concatenate(all_rows)
+        return self._all(rows, concatenate)
+
+    def sum_gradients(self, parameters):
+        parameters = list(parameters)
+
+        def add(all_grads):
+            sums = []
+            for grads in zip(*all_grads):  # one parameter's gradient on each replica
+                reached = [g for g in grads if g is not None]  # no replica reached it: grad stays None
+                total = None
+                for g in reached:
+                    total = g.astype(np.float64) if total is None else total + g
+                sums.append(None if total is None else total.astype(reached[0].dtype))
+            return sums
+        for p, g in zip(parameters, self._all([p.grad for p in parameters], add)):
+            p.grad = g
+
+    def barrier(self):
+        self._all(None, lambda _: None)
+
+    def abort(self, code=1):
+        """End this replica with exit ``code``; the others stop at their next collective."""
+        self.meeting.leave()
+        raise SystemExit(code)
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _Meeting:
+    """Where the replicas of one :func:`replicas` call meet: one slot per replica, and a barrier that a
+    replica leaving (raising or returning) breaks for every wait not yet released."""
+
+    def __init__(self, size):
+        self.parties, self.slots = size, [None] * size
+        self._condition = threading.Condition()
+        self._arrived, self._round, self._left = 0, 0, False
+
+    def wait(self):
+        """Return once all replicas have called this as often as the caller; raise _Stopped if one has left."""
+        with self._condition:
+            if self._left:
+                raise _Stopped
+            this_round = self._round
+            self._arrived += 1
+            if self._arrived == self.parties:
+                self._arrived, self._round = 0, self._round + 1
+                self._condition.notify_all()
+                return
+            while this_round == self._round:  # a released round counts even if a replica leaves right after
+                if self._left:
+                    raise _Stopped
+                self._condition.wait()
+
+    def leave(self):
+        with self._condition:
+            self._left = True
+            self._condition.notify_all()
+
+
+def replicas(n, fn, *args, **kwargs):
+    """Run ``fn(*args, **kwargs)`` as ``n`` data-parallel replicas, threads of this process; return what
+    replica 0 returned.
+
+    Replica r sees ``world()`` as rank r of n (a :class:`ThreadWorld`) and starts from a copy of the
+    calling thread's random generators, as N processes forked from this one would. Replica 0 runs in
+    the calling thread (Ctrl-C reaches it). NumPy's BLAS is limited to one thread meanwhile
+    (:func:`backend.blas_threads`): n replicas with n BLAS threads each would run n² threads on n
+    cores. An exception in any replica stops the others at their next collective and is raised here.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"replicas: n must be a positive int, got {n!r}")
+    if n == 1:
+        return fn(*args, **kwargs)
+    if world().size > 1:
+        raise ValueError(f"replicas: this thread is already rank {world().rank} of {world().size}; "
+                         "run replicas or MPI ranks, not both")
+    meeting, generators = _Meeting(n), backend.copy_generators()
+    results, errors = [None] * n, [None] * n
+
+    def run(rank):
+        _replica.world = ThreadWorld(meeting, rank)
+        backend.use_generators(backend.copy_generators(generators))
+        try:
+            results[rank] = fn(*args, **kwargs)
+        except BaseException as e:  # KeyboardInterrupt and SystemExit too: the others must not wait
+            errors[rank] = e
+        finally:
+            meeting.leave()  # a replica still in a collective now has no partner: it raises, not hangs
+            _replica.world = None
+            backend.use_generators(None)
+
+    threads = [threading.Thread(target=run, args=(rank,), name=f"minirlhf replica {rank}", daemon=True)
+               for rank in range(1, n)]
+    with backend.blas_threads(1):
+        for t in threads:
+            t.start()
+        run(0)
+        for t in threads:
+            t.join()
+    raised = [e for e in errors if e is not None]
+    if raised:
+        # the first cause, not a replica's "another replica stopped"
+        raise next((e for e in raised if not _stopped_by_another(e)), raised[0])
+    return results[0]
+
+
+def _stopped_by_another(error):
+    return isinstance(error, RuntimeError) and "another replica stopped" in str(error)

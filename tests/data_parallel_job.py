@@ -1,5 +1,6 @@
-"""The jobs tests/test_distributed.py launches, as one process (``python -m data_parallel_job``) or
-as ranks (``mpiexec -n 2 python -m data_parallel_job``); rank 0 writes what the test compares.
+"""The jobs tests/test_distributed.py launches, as one process (``python -m data_parallel_job``), as
+ranks (``mpiexec -n 2 python -m data_parallel_job``) or as replica threads of one process (``python -m
+data_parallel_job JOB OUT --replicas 2``); rank 0 writes what the test compares.
 
     python -m data_parallel_job train OUT              every trainer at test size, float64 models:
                                                        OUT/<trainer>.npz (weights), OUT/<trainer>.json (metrics)
@@ -18,7 +19,7 @@ import numpy as np
 
 import minirlhf
 from minirlhf import losses
-from minirlhf.distributed import world
+from minirlhf.distributed import replicas, world
 from minirlhf.model import GPT, GPTConfig, RewardModel
 from minirlhf.rollout import from_responses, response_logprobs
 from minirlhf.train.dpo import DPOConfig, train_dpo
@@ -187,15 +188,26 @@ def nccl(out):
         print("nccl ok")
 
 
-if __name__ == "__main__":
-    job, out = sys.argv[1], sys.argv[2]
+def run(argv):
+    job, out = argv[0], argv[1]
     if job == "train":
         train_all(out)
     elif job == "gradient":
         unequal_gradient(out)
     elif job == "resume":
-        resume(out, int(sys.argv[4]) if len(sys.argv) > 4 else None)
+        resume(out, int(argv[3]) if len(argv) > 3 else None)
     elif job in ("fail", "few", "nccl"):
         {"fail": fail, "few": few, "nccl": nccl}[job](out)
     else:
         raise SystemExit(f"data_parallel_job: unknown job {job!r}; expected train, gradient, resume, fail, few or nccl")
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    if "--replicas" in argv:
+        at = argv.index("--replicas")
+        n = int(argv[at + 1])
+        del argv[at:at + 2]
+        replicas(n, run, argv)
+    else:
+        run(argv)

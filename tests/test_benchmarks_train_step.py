@@ -60,3 +60,21 @@ def test_breakdown_puts_the_ops_back_when_the_step_fails(train_step):
     with pytest.raises(RuntimeError, match="step failed"):
         train_step.breakdown(failing, runs=1)
     assert {name: getattr(F, name) for name in train_step.TIMED_OPS} == originals
+
+
+def test_the_replicated_step_is_the_whole_batchs_step(train_step):
+    """--replicas: two replicas, each on half the rows, take the step one process takes on all of them."""
+    from minirlhf.distributed import replicas
+
+    def two_steps():
+        _, model, _, step = train_step.minirlhf_step(batch=4, seq=16)
+        losses = [step(), step()]
+        return losses, {k: v.copy() for k, v in model.state_dict().items()}
+
+    (one_losses, one), (two_losses, two) = two_steps(), replicas(2, two_steps)
+    np.testing.assert_allclose(two_losses, one_losses, rtol=1e-5)
+    for name, value in one.items():  # AdamW moves a weight by ~lr = 1e-4 a step, whatever the gradient's size:
+        np.testing.assert_allclose(two[name], value, rtol=0, atol=1e-5, err_msg=name)  # float32 rounding apart
+    _, start, _, _ = train_step.minirlhf_step(batch=4, seq=16)
+    moved = max(float(np.abs(one[k] - start.state_dict()[k]).max()) for k in one)
+    assert moved > 1.5e-4  # two steps moved the weights, so agreeing means something
