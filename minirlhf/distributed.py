@@ -189,8 +189,8 @@ class ThreadWorld(SingleProcess):
             result = combine(list(slots))
             self.meeting.wait()
         except _Stopped:
-            raise RuntimeError(f"replica {self.rank} of {self.size}: another replica stopped (it raised, or "
-                               "returned without this collective)") from None
+            raise ReplicaStopped(f"replica {self.rank} of {self.size}: another replica stopped (it raised, or "
+                                 "returned without this collective)") from None
         return result
 
     def sum(self, values):
@@ -239,6 +239,10 @@ class ThreadWorld(SingleProcess):
         """End this replica with exit ``code``; the others stop at their next collective."""
         self.meeting.leave()
         raise SystemExit(code)
+
+
+class ReplicaStopped(RuntimeError):
+    """Raised in a replica's collective when another replica has left: the symptom, not the cause."""
 
 
 class _Stopped(Exception):
@@ -318,10 +322,5 @@ def replicas(n, fn, *args, **kwargs):
             t.join()
     raised = [e for e in errors if e is not None]
     if raised:
-        # the first cause, not a replica's "another replica stopped"
-        raise next((e for e in raised if not _stopped_by_another(e)), raised[0])
+        raise next((e for e in raised if not isinstance(e, ReplicaStopped)), raised[0])  # the cause first
     return results[0]
-
-
-def _stopped_by_another(error):
-    return isinstance(error, RuntimeError) and "another replica stopped" in str(error)
