@@ -304,6 +304,20 @@ def relu(x):
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)
+# GELU runs its passes slice by slice, 2^15 elements (128 KB of float32) at a time, so that a slice's
+# x, t and result stay in the core's L2 cache from one pass to the next instead of streaming each
+# pass through memory. Measured on the 2-core Intel Xeon machine (2 MB L2 a core), the same values to
+# the bit, old and new alternating: the train-step benchmark's step 0.929x the time with two BLAS threads
+# (142.9 → 132.7 ms) and 0.973x with one; vs_trl.py's PPO step at 4L/256d, 809 / 761 → 717 / 718 ms;
+# its DPO step 260 → 248 ms. (On the AMD EPYC machine, 1 MB L2, slices of 2^14–2^16 had made the train
+# step 1.01x–1.02x slower.) On a GPU each pass is one kernel over the whole array.
+_GELU_SLICE = 1 << 15
+
+
+def _slices(n, xp):
+    if xp is not np:
+        return [slice(None)]
+    return [slice(i, i + _GELU_SLICE) for i in range(0, n, _GELU_SLICE)]
 
 
 def gelu(x):
@@ -312,33 +326,51 @@ def gelu(x):
     d/dx = ½ (1 + t) + ½ x (1 − t²) √(2/π) (1 + 3 · 0.044715 x²).
     """
     xp = x.xp
-    d = x.data
-    # Each formula runs in place on buffers this op owns (x² as d * d: NumPy's d ** 3 calls powf per element):
-    # one temporary of x's size where the plain expressions made nine. On the train-step benchmark's
-    # (16, 128, 512) activations, forward + backward went from 15.0 to 3.0 ms; with the scalars folded and
-    # the derivative factored (below), from 3.0 to 2.8 ms.
-    t = xp.multiply(d, d, out=xp.empty_like(d))  # out=: a 0-d input would otherwise give a scalar, not a buffer
+    d = xp.ascontiguousarray(x.data).reshape(-1)
+    t, out = xp.empty_like(d), xp.empty_like(d)
+    for s in _slices(d.size, xp):
+        _gelu_forward(xp, d[s], t[s], out[s])
+
+    def backward(g):
+        g = xp.ascontiguousarray(g).reshape(-1)
+        slope = xp.empty_like(d)
+        factor = xp.empty_like(d[:_GELU_SLICE] if xp is np else d)  # one slice's scratch, reused
+        for s in _slices(d.size, xp):
+            _gelu_backward(xp, d[s], t[s], g[s], slope[s], factor[:slope[s].size])
+        return (slope.reshape(x.shape),)
+    return Tensor._from_op(out.reshape(x.shape), (x,), backward, "gelu")
+
+
+def _gelu_forward(xp, d, t, out):
+    """out = GELU(d), and t = tanh(√(2/π) d (1 + 0.044715 d²)) kept for the backward.
+
+    Each formula runs in place on buffers the op owns (x² as d * d: NumPy's d ** 3 calls powf per element):
+    one temporary of x's size where the plain expressions made nine. On the train-step benchmark's
+    (16, 128, 512) activations, forward + backward went from 15.0 to 3.0 ms; with the scalars folded and
+    the derivative factored (below), from 3.0 to 2.8 ms.
+    """
+    xp.multiply(d, d, out=t)
     t *= 0.044715 * _GELU_C
     t += _GELU_C
     t *= d                                         # √(2/π) x (1 + 0.044715 x²)
     xp.tanh(t, out=t)
-    out = t + 1
+    xp.add(t, 1, out=out)
     out *= d
     out *= 0.5
 
-    def backward(g):
-        # the same derivative as (1 + t) · (½ + ½ x (1 − t) √(2/π) (1 + 3 · 0.044715 x²)): 10 passes, not 12
-        slope = xp.multiply(d, d, out=xp.empty_like(t))
-        slope *= 1.5 * 0.044715 * _GELU_C
-        slope += 0.5 * _GELU_C
-        slope *= d                                 # ½ x √(2/π) (1 + 3 · 0.044715 x²)
-        factor = xp.subtract(1, t, out=xp.empty_like(t))
-        slope *= factor
-        slope += 0.5
-        slope *= xp.add(t, 1, out=factor)
-        slope *= g
-        return (slope,)
-    return Tensor._from_op(out, (x,), backward, "gelu")
+
+def _gelu_backward(xp, d, t, g, slope, factor):
+    """slope = g · GELU'(d), with ``factor`` as scratch; the same derivative as
+    (1 + t) · (½ + ½ x (1 − t) √(2/π) (1 + 3 · 0.044715 x²)): 10 passes, not 12."""
+    xp.multiply(d, d, out=slope)
+    slope *= 1.5 * 0.044715 * _GELU_C
+    slope += 0.5 * _GELU_C
+    slope *= d                                     # ½ x √(2/π) (1 + 3 · 0.044715 x²)
+    xp.subtract(1, t, out=factor)
+    slope *= factor
+    slope += 0.5
+    slope *= xp.add(t, 1, out=factor)
+    slope *= g
 
 
 def softmax(x, axis=-1):

@@ -1046,3 +1046,23 @@ def test_dropout_masks_repeat_under_manual_seed():
     minirlhf.manual_seed(3)
     np.testing.assert_array_equal(F.dropout(x, 0.5).numpy(), first)
     assert (first != second).any()
+
+
+@pytest.mark.parametrize("shape, transpose", [((3, 70, 200), False), ((3, 70, 200), True), ((), False),
+                                              ((1 << 15,), False)])
+def test_gelu_over_several_slices_equals_its_formula_and_derivative(shape, transpose):
+    """GELU runs in slices of F._GELU_SLICE elements: a ragged last slice, a strided input, a 0-d input and
+    exactly one slice give the formula's values and derivative at every element (float64)."""
+    rng = np.random.default_rng(3)
+    data = rng.standard_normal(shape[::-1] if transpose else shape) * 3
+    data = data.T if transpose else data
+    x = Tensor(data, requires_grad=True, dtype=np.float64)
+    g = rng.standard_normal(shape)
+    y = F.gelu(x)
+    y.backward(g)
+    c = math.sqrt(2 / math.pi)
+    t = np.tanh(c * (data + 0.044715 * data ** 3))
+    np.testing.assert_allclose(y.data, 0.5 * data * (1 + t), rtol=1e-13, atol=1e-15)
+    slope = 0.5 * (1 + t) + 0.5 * data * (1 - t * t) * c * (1 + 3 * 0.044715 * data ** 2)
+    np.testing.assert_allclose(x.grad, g * slope, rtol=1e-12, atol=1e-14)
+    assert y.shape == shape and x.grad.shape == shape
