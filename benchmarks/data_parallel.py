@@ -1,14 +1,16 @@
-"""Benchmark: GRPO steps per second with 1 and 2 MPI ranks, one BLAS thread per rank.
+"""Benchmark: GRPO steps per second with 1 and 2 MPI ranks (or replica threads), one BLAS thread per rank.
 
-The same global batch (``--prompts`` prompts × ``--group`` samples) on a GPT(2 layers, 4 heads,
-64 wide, vocab 64) with a toy rule reward; each rank samples and trains on its share. Reported:
-steps/s (median step time after ``--warmup`` steps), the scaling efficiency
-(steps/s with N ranks) / (N × steps/s with 1), and the share of a step spent in the gradient
+The same global batch (``--prompts`` prompts × ``--group`` samples) on a GPT(``--layers``, 4 heads,
+``--width`` wide, vocab 64; default 2 layers, 64 wide) with a toy rule reward; each rank samples and
+trains on its share. Reported: steps/s (median step time after ``--warmup`` steps), the scaling
+efficiency (steps/s with N ranks) / (N × steps/s with 1), and the share of a step spent in the gradient
 allreduce, waiting for the slower rank included.
 
-    python benchmarks/data_parallel.py [--steps 12] [--warmup 2] [--ranks 1 2]
+    python benchmarks/data_parallel.py [--steps 12] [--warmup 2] [--ranks 1 2] [--threads] [--layers 4 --width 256]
 
-Needs ``pip install -e ".[mpi]"``. The script launches itself under ``mpiexec -n N``.
+MPI ranks need ``pip install -e ".[mpi]"``: the script launches itself under ``mpiexec -n N``. With
+``--threads`` the ranks are replicas, threads of one process (``minirlhf.distributed.replicas``), and the
+script launches itself without mpiexec.
 """
 import argparse
 import json
@@ -43,7 +45,7 @@ def worker(args):
     ranks.sum_gradients = timed
 
     minirlhf.manual_seed(0)
-    config = GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=64, block_size=32)
+    config = GPTConfig(n_layer=args.layers, n_head=4, n_embd=args.width, vocab_size=64, block_size=32)
     policy, reference = GPT(config), GPT(config)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(2, 64, rng.integers(4, 12)).tolist() for _ in range(256)]
@@ -72,22 +74,34 @@ def main():
     parser.add_argument("--group", type=int, default=8, help="samples per prompt")
     parser.add_argument("--new-tokens", type=int, default=16, help="longest response")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", action="store_true",
+                        help="ranks as replica threads of one process instead of MPI processes")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--width", type=int, default=64, help="model width (a multiple of 4 heads)")
+    parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)  # replicas to run, 1 under MPI
     args = parser.parse_args()
+    if min(args.ranks) < 1 or args.layers < 1 or args.width < 4 or args.width % 4:
+        parser.error("--ranks and --layers must be positive, --width a positive multiple of 4")
     if args.worker:
-        return worker(args)
-    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    if mpiexec is None:
-        sys.exit("data_parallel.py: needs mpiexec and mpi4py (pip install -e '.[mpi]')")
+        from minirlhf.backend import keep_freed_memory
+        from minirlhf.distributed import replicas
+        keep_freed_memory()  # as the minirlhf command does
+        return replicas(args.worker, worker, args)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    if mpiexec is None and not args.threads:
+        sys.exit("data_parallel.py: needs mpiexec and mpi4py (pip install -e '.[mpi]'), or --threads")
     results = []
     for n in args.ranks:
-        out = subprocess.run([mpiexec, "-n", str(n), sys.executable, __file__, "--worker", *sys.argv[1:]],
-                             env=env, capture_output=True, text=True, check=True).stdout
+        me = [sys.executable, __file__, *sys.argv[1:]]
+        command = me + ["--worker", str(n)] if args.threads else [mpiexec, "-n", str(n)] + me + ["--worker", "1"]
+        out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
     base = 1 / results[0]["step_s"]
     print(f"GRPO, {args.prompts} prompts x {args.group} samples per step, {args.new_tokens} new tokens, "
-          f"GPT(2, 4, 64), one BLAS thread per rank, median of {args.steps - args.warmup} steps")
+          f"GPT({args.layers}, 4, {args.width}), one BLAS thread per rank "
+          f"({'replica threads of one process' if args.threads else 'MPI processes'}), "
+          f"median of {args.steps - args.warmup} steps")
     print(f"{'ranks':>5} {'steps/s':>8} {'speed-up':>8} {'efficiency':>10} {'allreduce':>9}")
     for r in results:
         speed = 1 / r["step_s"]
