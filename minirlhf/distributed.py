@@ -22,9 +22,9 @@ of the random generators, and the collectives meet at a barrier instead of a net
 the GIL inside its array loops and BLAS calls, so two replicas with one BLAS thread each keep two cores
 busy with everything a step does, where one process with two BLAS threads runs only the matrix
 products on both (the elementwise work, layer norm, softmax, GELU, AdamW, stays on one core). The
-replicas share one GIL, which MPI's processes do not: on 2 cores, GRPO at 4 layers × 256 wide ran 1.43x
-as fast as two replicas and 1.79x as two MPI ranks, and at 2 × 64, whose steps are mostly Python, 0.67x
-and 1.74x (``benchmarks/data_parallel.py``). Replicas are for where no launcher is at hand.
+replicas share one GIL, which MPI's processes do not: on 2 cores, against one process, two replicas ran
+GRPO at 4 layers × 256 wide 1.43x as fast and two MPI ranks 1.79x; at 2 × 64, whose steps are mostly
+Python, 0.67x and 1.74x (``benchmarks/data_parallel.py``). Replicas are for where no launcher is at hand.
 """
 import os
 import sys
