@@ -40,6 +40,18 @@ def test_minirlhf_side_times_one_step_at_the_tiny_size(vs_trl, algorithm):
     assert lines[2].startswith(f"| {algorithm.upper()} | 2L/64d | ") and "—" in lines[2]
 
 
+@pytest.mark.parametrize("algorithm", ["dpo", "grpo"])
+def test_minirlhf_side_as_two_replicas_times_each_step(vs_trl, algorithm):
+    row = vs_trl.measure(algorithm, vs_trl.SIZES["2x64"], steps=2, with_trl=False, replicas=2)
+    assert row["replicas"] == 2 and len(row["minirlhf_ms"]) == 2
+    assert all(math.isfinite(t) and t > 0 for t in row["minirlhf_ms"])
+
+
+def test_replicas_must_be_positive(vs_trl):
+    with pytest.raises(SystemExit):
+        vs_trl.main(["--replicas", "0"])
+
+
 def test_a_failing_side_raises_with_its_traceback(vs_trl):
     with pytest.raises(RuntimeError, match="minirlhf side failed"):
         vs_trl.measure("grpo", vs_trl.Size("bad", 2, 3, 64, 1), steps=1, with_trl=False)  # 64 % 3 heads
