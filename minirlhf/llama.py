@@ -46,7 +46,7 @@ import numpy as np
 from . import backend
 from . import functional as F
 from . import nn
-from .model import GPT, KVCache, RewardModel, _as_array
+from .model import GPT, KVCache, RewardModel, _as_array, _check_last
 
 
 @dataclass
@@ -145,20 +145,23 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(D, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, cos, sin, key_mask=None, cache=None, layer=0):
+    def forward(self, x, cos, sin, key_mask=None, cache=None, layer=0, last=None):
+        """The attention's output, (B, T, C); with ``last``, only for the last ``last`` queries (projected
+        from those positions alone), which still attend over every position's keys and values."""
         B, T, _ = x.shape
         H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
-        q = self.q_proj(x).reshape(B, T, H, D)
+        T_q = T if last is None else last
+        q = self.q_proj(x[:, T - T_q:] if last is not None else x).reshape(B, T_q, H, D)
         k = self.k_proj(x).reshape(B, T, H_kv, D)
         v = self.v_proj(x).reshape(B, T, H_kv, D).transpose(1, 2)  # (B, H_kv, T, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = F.rotary_embedding(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
+        q = F.rotary_embedding(q.transpose(1, 2), cos[..., T - T_q:, :], sin[..., T - T_q:, :])  # (B, H, T_q, D)
         k = F.rotary_embedding(k.transpose(1, 2), cos, sin)  # (B, H_kv, T, D)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=True)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=True)  # (B, H, T_q, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T_q, H * D))
 
 
 class SwiGLU(nn.Module):
@@ -180,8 +183,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, key_mask=None, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_mask, cache, layer)
+    def forward(self, x, cos, sin, key_mask=None, cache=None, layer=0, last=None):
+        """x (B, T, C) → (B, T, C); with ``last``, the last ``last`` positions' outputs alone."""
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, key_mask, cache, layer, last)
+        x = x + attended if last is None else x[:, x.shape[1] - last:] + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -217,18 +222,20 @@ class Llama(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     # ------------------------------------------------------------ forward
-    def hidden(self, ids, attention_mask=None, cache=None):
-        """Hidden states after the final RMSNorm, (B, T, C)."""
+    def hidden(self, ids, attention_mask=None, cache=None, last=None):
+        """Hidden states after the final RMSNorm, (B, T, C); with ``last``, the last ``last`` positions'
+        alone, the last block's other queries, attention and MLP skipped (as :meth:`GPT.hidden`)."""
         xp = self.embed_tokens.weight.xp
         ids = _as_array(ids, xp)
         positions, key_mask = positions_and_key_mask(ids, attention_mask, cache, self.config, xp, "Llama")
+        last = _check_last(last, ids.shape[1], "Llama")
         angles = positions[..., None] * xp.asarray(self.theta)            # (B, T, D/2), float64
         angles = xp.concatenate([angles, angles], axis=-1)[:, None]       # (B, 1, T, D): every head alike
         dtype = self.embed_tokens.weight.dtype
         cos, sin = xp.cos(angles).astype(dtype), xp.sin(angles).astype(dtype)
         x = self.embed_tokens(ids)
         for layer, block in enumerate(self.layers):
-            x = block(x, cos, sin, key_mask, cache, layer)
+            x = block(x, cos, sin, key_mask, cache, layer, last if layer == len(self.layers) - 1 else None)
         if cache is not None:
             cache.length += ids.shape[1]
         return self.norm(x)

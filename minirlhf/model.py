@@ -24,6 +24,7 @@ Bradley-Terry training).
 """
 import copy
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -134,11 +135,15 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, key_mask=None, cache=None, layer=0):
+    def forward(self, x, key_mask=None, cache=None, layer=0, last=None):
+        """The attention's output, (B, T, C); with ``last``, only for the last ``last`` queries, which
+        still attend over the keys and values of every position."""
         B, T, C = x.shape
         H, D = self.n_head, C // self.n_head
         qkv = self.c_attn(x).reshape(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
         q, k, v = qkv[0], qkv[1], qkv[2]
+        if last is not None:
+            q, T = q[:, :, T - last:], last  # causal masks align the queries with the last keys
         if cache is not None:
             k, v = cache.update(layer, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=True)  # (B, H, T, D)
@@ -163,9 +168,21 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, key_mask=None, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), key_mask, cache, layer)
+    def forward(self, x, key_mask=None, cache=None, layer=0, last=None):
+        """x (B, T, C) → (B, T, C); with ``last``, the last ``last`` positions' outputs alone."""
+        attended = self.attn(self.ln_1(x), key_mask, cache, layer, last)
+        x = x + attended if last is None else x[:, x.shape[1] - last:] + attended
         return x + self.mlp(self.ln_2(x))
+
+
+def _check_last(last, T, model):
+    """``last`` as the number of trailing positions a forward keeps: None (all T) or an int in [1, T]."""
+    if last is None or last == T:
+        return None
+    if isinstance(last, bool) or not isinstance(last, numbers.Integral) or not 1 <= last <= T:
+        raise ValueError(f"{model}: last must be None or an int in [1, {T}] (the positions whose states are "
+                         f"kept), got {last!r}")
+    return int(last)
 
 
 def _as_array(x, xp):
@@ -198,8 +215,15 @@ class GPT(nn.Module):
         _init_gpt2(self, config.n_layer)
 
     # ------------------------------------------------------------ forward
-    def hidden(self, ids, attention_mask=None, cache=None):
-        """Hidden states after the final LayerNorm, (B, T, C)."""
+    def hidden(self, ids, attention_mask=None, cache=None, last=None):
+        """Hidden states after the final LayerNorm, (B, T, C); with ``last``, those of the last ``last``
+        positions alone, (B, last, C).
+
+        ``last`` skips work no one reads: every block but the last still runs on every position (its
+        outputs are the next block's keys and values), but in the last block only the kept positions'
+        queries, attention, MLP and final LayerNorm run. Scoring a response of N tokens after a prompt
+        of T needs the states of its last N + 1 positions or fewer (:func:`minirlhf.rollout.response_hidden`).
+        """
         cfg = self.config
         xp = self.wte.weight.xp
         ids = _as_array(ids, xp)
@@ -227,9 +251,10 @@ class GPT(nn.Module):
             mask = mask != 0
             positions = xp.maximum(xp.cumsum(mask, axis=1) - 1, 0)[:, past:]
             key_mask = mask[:, None, None, :]  # (B, 1, 1, S): every head and query sees the same keys
+        last = _check_last(last, T, "GPT")
         x = self.drop(self.wte(ids) + self.wpe(positions))
         for layer, block in enumerate(self.h):
-            x = block(x, key_mask, cache, layer)
+            x = block(x, key_mask, cache, layer, last if layer == len(self.h) - 1 else None)
         if cache is not None:
             cache.length += T
         return self.ln_f(x)

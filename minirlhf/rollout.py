@@ -116,7 +116,9 @@ def response_hidden(model, rollout, last=False):
     Rows that answer the same prompt (equal ``index``: a GRPO group, a preference pair) share it: the
     U distinct prompts go through the model once, and each response attends to its prompt's keys and
     values (:class:`~minirlhf.model.PrefixCache`), exact since attention is causal. The work falls
-    from B·(T+N) to U·T + B·N token positions. A batch of distinct prompts is one forward.
+    from B·(T+N) to U·T + B·N token positions. A batch of distinct prompts is one forward. Either way
+    the last block runs its queries, attention and MLP only on the columns whose states are returned
+    (``model.hidden(..., last=...)``): the others' outputs there would be dropped.
     """
     T = rollout.prompt_ids.shape[1]
     tokens, mask = (rollout.tokens, rollout.mask) if last else (rollout.tokens[:, :-1], rollout.mask[:, :-1])
@@ -124,11 +126,11 @@ def response_hidden(model, rollout, last=False):
     if len(first) == len(rows):
         ids = np.concatenate([rollout.prompt_ids, tokens], axis=1)
         attention = np.concatenate([rollout.prompt_mask, mask], axis=1)
-        return model.hidden(ids, attention)[:, T - 1:]
+        return model.hidden(ids, attention, last=ids.shape[1] - (T - 1))
     cache = PrefixCache(rows)
     on = backend.device_of(rollout.prompt_ids)
     picked = backend.to_device(first, on)
-    prompt_last = model.hidden(rollout.prompt_ids[picked], rollout.prompt_mask[picked], cache=cache)[:, T - 1:]
+    prompt_last = model.hidden(rollout.prompt_ids[picked], rollout.prompt_mask[picked], cache=cache, last=1)
     if tokens.shape[1] == 0:
         return prompt_last[cache.rows]
     h = model.hidden(tokens, np.concatenate([rollout.prompt_mask, mask], axis=1), cache=cache)

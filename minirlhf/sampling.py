@@ -146,9 +146,11 @@ def next_token_logits(model, ids, attention_mask, cache):
     """The logits (B, V) of the token after each row of ``ids`` (B, T), extending ``cache``.
 
     Only the last position goes through the LM head: for a prompt of T tokens the (B, T, V) logits
-    of the others would be computed and dropped (with the pair sampling's 24,000 prompts, 0.5 GB).
+    of the others would be computed and dropped (with the pair sampling's 24,000 prompts, 0.5 GB); and
+    only its state comes out of the last block (``last=1``), whose other positions matter only as the
+    keys and values it writes to the cache.
     """
-    return model.lm_logits(model.hidden(ids, attention_mask, cache=cache)[:, -1]).data
+    return model.lm_logits(model.hidden(ids, attention_mask, cache=cache, last=1)[:, -1]).data
 
 
 def _sample(logits, temperature, top_k, top_p, rng, xp):

@@ -323,3 +323,78 @@ def test_from_pretrained_names_an_unsupported_setting(tmp_path):
     _hf_model(tmp_path, activation_function="relu")
     with pytest.raises(ValueError, match="activation_function='relu'"):
         GPT.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------- the last positions alone
+def _models_for_last():
+    from minirlhf.llama import Llama, LlamaConfig
+    minirlhf.manual_seed(4)
+    gpt = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, vocab_size=11, block_size=16)).to(np.float64)
+    minirlhf.manual_seed(4)
+    qwen3 = Llama(LlamaConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=16, intermediate_size=24, vocab_size=11,
+                              block_size=16, qk_norm=True, qkv_bias=True)).to(np.float64)
+    return {"gpt": gpt, "llama (GQA, q/k norms)": qwen3}
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama (GQA, q/k norms)"])
+def test_hidden_of_the_last_positions_equals_the_full_pass_and_its_gradient(name):
+    """``hidden(..., last=n)`` skips the last block's other rows: the kept states, and the gradient of
+    any function of them with respect to every weight, are the full pass's."""
+    model = _models_for_last()[name]
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 11, (3, 9))
+    mask = np.ones((3, 9), dtype=np.int64)
+    mask[1, :3] = 0  # left padding
+    mask[2, :1] = 0
+    weight = rng.standard_normal((3, 9, 16))
+    for n in (1, 4, 9):
+        model.zero_grad()
+        full = model.hidden(ids, mask)[:, 9 - n:]
+        (full * weight[:, 9 - n:]).sum().backward()
+        expected = {k: p.grad.copy() for k, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        kept = model.hidden(ids, mask, last=n)
+        assert kept.shape == (3, n, 16)
+        np.testing.assert_allclose(kept.data, full.data, rtol=1e-12, atol=1e-12)
+        (kept * weight[:, 9 - n:]).sum().backward()
+        got = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+        assert got.keys() == expected.keys()
+        for k in expected:
+            np.testing.assert_allclose(got[k], expected[k], rtol=1e-10, atol=1e-12, err_msg=f"{name} last={n}: {k}")
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama (GQA, q/k norms)"])
+def test_a_prefill_that_keeps_only_its_last_state_writes_the_full_passs_cache(name):
+    model = _models_for_last()[name]
+    ids = np.random.default_rng(1).integers(0, 11, (2, 6))
+    with no_grad():
+        full_cache, kept_cache = model.new_cache(), model.new_cache()
+        full = model.hidden(ids, cache=full_cache)
+        kept = model.hidden(ids, cache=kept_cache, last=1)
+        np.testing.assert_allclose(kept.data[:, 0], full.data[:, -1], rtol=1e-12, atol=1e-12)
+        step = np.array([[3], [7]])
+        np.testing.assert_allclose(model.hidden(step, cache=kept_cache).data, model.hidden(step, cache=full_cache).data,
+                                   rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("last", [0, 10, -1, 1.5, True, "2"])
+def test_hidden_refuses_a_last_that_is_not_a_count_of_its_positions(last):
+    for name, model in _models_for_last().items():
+        with pytest.raises(ValueError, match=r"last must be None or an int in \[1, 9\]"):
+            model.hidden(np.zeros((1, 9), dtype=np.int64), last=last)
+
+
+def test_score_rollout_of_a_reward_model_equals_its_forward_on_prompt_and_response():
+    from minirlhf.rollout import from_responses
+    from minirlhf.train.reward import score_rollout
+    minirlhf.manual_seed(2)
+    rm = RewardModel(GPTConfig(n_layer=2, n_head=2, n_embd=16, vocab_size=11, block_size=16)).to(np.float64)
+    prompts = [[1, 2, 3], [4, 5], [1, 2, 3], [6]]
+    rollout = from_responses(prompts, [[7, 8, 9], [10], [], [2, 2, 2, 2]], 0)  # rows 0 and 2 share a prompt
+    ids = np.concatenate([rollout.prompt_ids, rollout.tokens], axis=1)
+    mask = np.concatenate([rollout.prompt_mask, rollout.mask], axis=1)
+    response = np.concatenate([np.zeros_like(rollout.prompt_mask), rollout.mask], axis=1)
+    with no_grad():
+        expected = rm(ids, mask, response).data
+    np.testing.assert_allclose(score_rollout(rm, rollout), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(score_rollout(rm, rollout, rows=3), expected, rtol=1e-12, atol=1e-12)

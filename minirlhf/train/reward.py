@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import backend, losses
+from ..model import RewardModel
 from ..padding import pad_prompt_response
 from ..rollout import from_pairs, response_hidden
 from ..tensor import no_grad
@@ -91,12 +92,21 @@ def score_sequences(reward_model, ids, mask, response, rows=512):
                                for s in range(0, len(ids), rows)])
 
 
-def score_rollout(reward_model, rollout):
-    """r(x, y) of each response of a :class:`~minirlhf.rollout.Rollout`, (B,)."""
-    ids = np.concatenate([rollout.prompt_ids, rollout.tokens], axis=1)
-    mask = np.concatenate([rollout.prompt_mask, rollout.mask], axis=1)
-    response = np.concatenate([np.zeros_like(rollout.prompt_mask), rollout.mask], axis=1)
-    return score_sequences(reward_model, ids, mask, response)
+def score_rollout(reward_model, rollout, rows=512):
+    """r(x, y) of each response of a :class:`~minirlhf.rollout.Rollout`, (B,) array, under no_grad.
+
+    A :class:`~minirlhf.model.RewardModel` scores it by :func:`rollout_scores`, in chunks of ``rows``:
+    its trunk skips in its last block the prompt columns that no term reads, and reads a prompt shared
+    by several rows once. Any other ``reward_model(ids, mask, response)`` sees [prompt | response].
+    """
+    if not isinstance(reward_model, RewardModel):
+        ids = np.concatenate([rollout.prompt_ids, rollout.tokens], axis=1)
+        mask = np.concatenate([rollout.prompt_mask, rollout.mask], axis=1)
+        response = np.concatenate([np.zeros_like(rollout.prompt_mask), rollout.mask], axis=1)
+        return score_sequences(reward_model, ids, mask, response, rows)
+    with no_grad():
+        return np.concatenate([rollout_scores(reward_model, rollout.rows(slice(s, s + rows))).data
+                               for s in range(0, len(rollout), rows)])
 
 
 def pair_accuracy(reward_model, pairs, pad_id):
