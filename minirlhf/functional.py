@@ -328,14 +328,15 @@ def gelu(x):
     xp = x.xp
     d = xp.ascontiguousarray(x.data).reshape(-1)
     t, out = xp.empty_like(d), xp.empty_like(d)
-    for s in _slices(d.size, xp):
+    slices = _slices(d.size, xp)
+    for s in slices:
         _gelu_forward(xp, d[s], t[s], out[s])
 
     def backward(g):
         g = xp.ascontiguousarray(g).reshape(-1)
         slope = xp.empty_like(d)
-        factor = xp.empty_like(d[:_GELU_SLICE] if xp is np else d)  # one slice's scratch, reused
-        for s in _slices(d.size, xp):
+        factor = xp.empty_like(d[slices[0]] if slices else d)  # the first (largest) slice's scratch, reused
+        for s in slices:
             _gelu_backward(xp, d[s], t[s], g[s], slope[s], factor[:slope[s].size])
         return (slope.reshape(x.shape),)
     return Tensor._from_op(out.reshape(x.shape), (x,), backward, "gelu")
