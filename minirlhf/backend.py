@@ -112,12 +112,30 @@ def _scatter_add_rows(target, rows, values):
     starts = np.flatnonzero(np.concatenate([[True], sorted_rows[1:] != sorted_rows[:-1]]))
     counts = np.diff(np.append(starts, len(rows)))
     if counts.max() > 8:
-        target[sorted_rows[starts]] += np.add.reduceat(values[order], starts, axis=0)
+        target[sorted_rows[starts]] += np.add.reduceat(_rows_apart(values, order), starts, axis=0)
         return
     rank = np.arange(len(rows)) - np.repeat(starts, counts)  # each value's place among its row's values
     for k in range(counts.max()):
         picked = order[rank == k]
         target[rows[picked]] += values[picked]
+
+
+def _rows_apart(values, order):
+    """values[order] along the first axis, its rows an odd number of 64-byte cache lines apart.
+
+    np.add.reduceat along the first axis walks each column down a run of rows; rows an even number of
+    lines apart (any power-of-two width of 64 bytes or more: 256 float32) fall on a few of the cache's
+    sets and evict each other. Measured on the Intel Xeon machine, summing 2688 rows into 276 (an
+    embedding's backward): 256 wide 3.0 ms as they are, 0.67 ms a line apart more; 512 wide 9.7 → 1.4 ms.
+    """
+    flat = values.reshape(len(values), -1)
+    width = flat.shape[1]
+    lines = -(-width * flat.itemsize // 64)
+    if lines % 2:
+        return values[order]
+    padded = np.empty((len(order), (lines + 1) * 64 // flat.itemsize), dtype=flat.dtype)[:, :width]
+    padded[...] = flat[order]
+    return padded.reshape((len(order),) + values.shape[1:])
 
 
 _generators = {}
