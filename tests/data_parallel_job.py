@@ -90,17 +90,18 @@ def trainers():
         cfg = RLOOConfig(steps=3, lr=1e-2, prompts_per_step=3, group_size=3, max_new_tokens=4)
         return model, train_rloo(model, tiny_gpt(), PROMPTS, first_token_is_good, cfg, EOS, PAD, progress=False)
 
-    def ppo(minibatches):
+    def ppo(minibatches, samples_per_prompt=1):
         def train():
             model = with_value_head(tiny_gpt())
             float64(model)
-            cfg = PPOConfig(steps=3, lr=1e-2, prompts_per_step=5, epochs=2, minibatches=minibatches, max_new_tokens=4,
-                            adaptive_kl=True, kl_target=0.01, kl_horizon=10)
+            cfg = PPOConfig(steps=3, lr=1e-2, prompts_per_step=5, samples_per_prompt=samples_per_prompt, epochs=2,
+                            minibatches=minibatches, max_new_tokens=4, adaptive_kl=True, kl_target=0.01,
+                            kl_horizon=10)
             return model, train_ppo(model, tiny_gpt(), tiny_reward_model(), PROMPTS, cfg, EOS, PAD, progress=False)
         return train
 
     return {"sft": sft, "rm": rm, "dpo": dpo, "grpo": grpo("grpo"), "grpo_dapo": grpo("dapo"), "rloo": rloo,
-            "ppo": ppo(2), "ppo_one_minibatch": ppo(1)}
+            "ppo": ppo(2), "ppo_one_minibatch": ppo(1), "ppo_two_samples": ppo(2, samples_per_prompt=2)}
 
 
 def save(out, name, model, history=None):

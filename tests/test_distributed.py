@@ -19,7 +19,7 @@ from minirlhf.sampling import generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-TRAINERS = ("sft", "rm", "dpo", "grpo", "grpo_dapo", "rloo", "ppo", "ppo_one_minibatch")
+TRAINERS = ("sft", "rm", "dpo", "grpo", "grpo_dapo", "rloo", "ppo", "ppo_one_minibatch", "ppo_two_samples")
 
 try:
     import mpi4py  # noqa: F401

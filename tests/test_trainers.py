@@ -112,6 +112,55 @@ def test_ppo_adaptive_kl_raises_beta_above_the_target_and_lowers_it_below(target
     assert (betas[-1] > betas[0]) == grows and betas[-1] != betas[0]
 
 
+@pytest.mark.parametrize("minibatches", [1, 2])
+def test_ppo_with_two_samples_per_prompt_computes_each_prompt_once_and_exactly(monkeypatch, minibatches):
+    """samples_per_prompt = 2: each step draws prompts_per_step prompts and samples two responses for each,
+    in consecutive rows; every forward of the step (the policy's log-probs and values, π_ref, the reward
+    model) runs each prompt's positions once for both rows (PrefixCache), and the trained weights and
+    metrics equal those of the same run with that sharing turned off (every row its whole sequence), in
+    float64."""
+    import minirlhf.rollout as rollout
+    import minirlhf.train.ppo as ppo
+
+    def run():
+        reference = tiny_gpt().to(np.float64)
+        policy = with_value_head(reference).to(np.float64)
+        minirlhf.manual_seed(1)
+        reward_model = RewardModel.from_gpt(tiny_gpt(1)).to(np.float64)
+        cfg = PPOConfig(steps=2, lr=1e-2, prompts_per_step=3, samples_per_prompt=2, epochs=2,
+                        minibatches=minibatches, max_new_tokens=3, beta=0.05)
+        history = train_ppo(policy, reference, reward_model, PROMPTS, cfg, EOS, PAD, progress=False)
+        return policy.state_dict(), history
+
+    batches, caches = [], []
+    step_rollout, hidden = ppo.step_rollout, GPT.hidden
+
+    def recording_rollout(*args, **kwargs):
+        batches.append(step_rollout(*args, **kwargs))
+        return batches[-1]
+
+    def recording_hidden(self, *args, **kwargs):
+        caches.append(type(kwargs.get("cache")).__name__)
+        return hidden(self, *args, **kwargs)
+    monkeypatch.setattr(ppo, "step_rollout", recording_rollout)
+    monkeypatch.setattr(GPT, "hidden", recording_hidden)
+    shared_weights, shared_history = run()
+    for batch in batches:
+        assert len(batch) == 6 and np.array_equal(batch.index[0::2], batch.index[1::2])
+    assert "PrefixCache" in caches  # a prompt's keys and values read by both of its rows
+
+    monkeypatch.setattr(rollout, "shared_prompts", lambda r: (np.arange(len(r)), np.arange(len(r))))
+    caches.clear()
+    whole_weights, whole_history = run()
+    assert "PrefixCache" not in caches
+    for name, value in shared_weights.items():
+        np.testing.assert_allclose(value, whole_weights[name], rtol=1e-9, atol=1e-11, err_msg=name)
+    for got, want in zip(shared_history, whole_history):
+        assert got.keys() == want.keys()
+        for key in got:
+            assert got[key] == pytest.approx(want[key], rel=1e-8, abs=1e-10), key
+
+
 def test_ppo_needs_a_value_head():
     with pytest.raises(ValueError, match="value head"):
         train_ppo(tiny_gpt(), tiny_gpt(), FirstTokenRewardModel(3), PROMPTS, PPOConfig(steps=1), EOS, PAD)
@@ -274,6 +323,7 @@ def test_a_checkpoint_of_another_architecture_is_refused_naming_the_setting(tmp_
     (GRPOConfig, "clip_eps", 0.0), (GRPOConfig, "clip_eps", 1.0), (GRPOConfig, "loss_type", "nope"),
     (GRPOConfig, "clip_eps_high", -0.2), (GRPOConfig, "scale", "rows"),
     (PPOConfig, "clip_eps", 1.5), (PPOConfig, "beta", -1.0), (PPOConfig, "lam", 1.2), (PPOConfig, "epochs", 0),
+    (PPOConfig, "samples_per_prompt", 0), (PPOConfig, "samples_per_prompt", 1.5),
     (DPOConfig, "beta", 0.0), (DPOConfig, "beta", -1.0), (DPOConfig, "loss_type", "x"),
     (RLOOConfig, "group_size", 1), (RLOOConfig, "beta", -0.5), (RewardConfig, "batch_size", 0),
     (RewardConfig, "lr", 0.0), (GRPOConfig, "steps", 2.5), (GRPOConfig, "lr", float("inf")),

@@ -2,7 +2,9 @@
 
 For each step:
 
-    1. draw prompts; sample one response per prompt from π_old (the current policy)
+    1. draw prompts; sample ``samples_per_prompt`` responses per prompt (one by default) from π_old (the
+       current policy); the rows that answer one prompt go through its positions once in every forward
+       below (rollout.response_hidden)
     2. score: s = r_φ(x, y), the reward model's score of the whole response
     3. log-probs and values without gradient: log π_old(y_t), log π_ref(y_t), V_old(s_t) (with one
        minibatch, π_old and V_old are the first update's forward, detached: the policy has not moved yet)
@@ -36,7 +38,8 @@ from .run import MINIBATCHES, Run, check_not_empty, step_rng, step_rollout
 @dataclass
 class PPOConfig(TrainConfig):
     steps: int = 400
-    prompts_per_step: int = 128    # rollouts per step (one response per prompt)
+    prompts_per_step: int = 128    # prompts drawn per step
+    samples_per_prompt: int = 1    # responses per prompt (OpenRLHF's n_samples_per_prompt); they share its forward
     epochs: int = 2                # passes over each rollout batch
     minibatches: int = 2           # minibatches per pass
     beta: float = 0.5              # KL coefficient of the per-token reward (the initial one with adaptive_kl)
@@ -56,10 +59,12 @@ class PPOConfig(TrainConfig):
         super().check()
         require(self, "rollout_correction", lambda v: v is None or v in losses.ROLLOUT_CORRECTIONS,
                 f"None or one of {', '.join(losses.ROLLOUT_CORRECTIONS)}")
-        for name in ("prompts_per_step", "epochs", "minibatches", "max_new_tokens", "kl_horizon"):
+        for name in ("prompts_per_step", "samples_per_prompt", "epochs", "minibatches", "max_new_tokens",
+                     "kl_horizon"):
             require(self, name, is_positive_int, "a positive integer")
-        require(self, "minibatches", lambda v: v <= self.prompts_per_step,
-                f"<= prompts_per_step ({self.prompts_per_step})")
+        rollouts = self.prompts_per_step * self.samples_per_prompt
+        require(self, "minibatches", lambda v: v <= rollouts,
+                f"<= the rollouts per step, prompts_per_step × samples_per_prompt ({rollouts})")
         require(self, "adaptive_kl", lambda v: isinstance(v, bool), "true or false")
         require(self, "temperature", is_positive, "a finite number > 0")
         require(self, "vf_coef", lambda v: is_number(v) and v >= 0, "a finite number >= 0")
@@ -109,8 +114,9 @@ def train_ppo(policy, reference, reward_model, prompts, config, eos_id, pad_id, 
     for step in run.steps():
         lr = run.lr
         beta = kl_control.beta if config.adaptive_kl else config.beta
-        batch = step_rollout(policy, prompts, config, step, 1, eos_id, pad_id)
-        mine = batch.rows(run.split(len(batch)))  # this rank's rollouts (all of them in one process)
+        batch = step_rollout(policy, prompts, config, step, config.samples_per_prompt, eos_id, pad_id)
+        # this rank's rollouts, a prompt's samples together (all of them in one process)
+        mine = batch.rows(run.split(len(batch), config.samples_per_prompt))
         scores = run.world.gather(score_rollout(reward_model, mine))
         rng = step_rng(config.seed, step, MINIBATCHES)
         plan = [np.array_split(rng.permutation(len(batch)), config.minibatches) for _ in range(config.epochs)]
@@ -124,7 +130,7 @@ def train_ppo(policy, reference, reward_model, prompts, config, eos_id, pad_id, 
             old_logp, old_values, entropy = first
             old_logp, old_values = in_batch_order(run.world, rows, old_logp.data, old_values.data)
         else:
-            rows = run.split(len(batch))  # this rank's rollouts, `mine`
+            rows = run.split(len(batch), config.samples_per_prompt)  # this rank's rollouts, `mine`
             with no_grad():
                 old_logp, old_values, entropy = response_logprobs(policy, mine, values=True, entropy=True)
             old_logp, old_values = run.world.gather(old_logp.data), run.world.gather(old_values.data)
