@@ -11,18 +11,20 @@ float32, no dropout. A row is one step of each trainer, all the work between two
                                                           log π_ref (β = 0.04); one pass (num_iterations=1)
     DPO   train.dpo.train_dpo         DPOTrainer          64 pairs (chosen and rejected in one pass);
                                                           log π_ref precomputed before training
-    PPO   train.ppo.train_ppo         RLOOTrainer         128 samples of 5 new tokens (minirlhf: 128 prompts × 1,
-                                                          TRL: 64 × 2); a reward model's score;
-                                                          log π_ref (β = 0.04); one pass
+    PPO   train.ppo.train_ppo         RLOOTrainer         64 prompts × 2 samples, 5 new tokens; a reward
+                                                          model's score; log π_ref (β = 0.04); one pass
     RLOO  train.rloo.train_rloo       RLOOTrainer         16 prompts × 8 samples, 5 new tokens; rule reward;
                                                           log π_ref (β = 0.04); one pass
 
 TRL 1.x removed PPOTrainer (moved to trl.experimental in 1.10, deleted after), so the PPO row's peer
 is TRL's nearest on-policy trainer with a reference model and a reward model, RLOOTrainer, with
-k = 2 samples per prompt (its fewest) over 64 prompts. It has no value model: minirlhf's PPO step does
-more (a value head on the shared trunk, GAE, whitening, the value loss; with one minibatch, log π_old
-and V_old come from the update's own forward), so that row is not like for like. The RLOO row is: the same
-algorithm on both sides.
+k = 2 samples per prompt (its fewest) over 64 prompts; minirlhf's PPO takes the same batch
+(``samples_per_prompt=2``), and like its GRPO and RLOO it runs a prompt's positions once for the rows
+that answer it, where TRL runs every row whole. It has no value model: minirlhf's PPO step does more
+(a value head on the shared trunk, GAE, whitening, the value loss; with one minibatch, log π_old and
+V_old come from the update's own forward), so that row is not like for like. The RLOO row is: the same
+algorithm on both sides. ``--algorithms ppo_distinct`` adds the row as it was measured before PPO could
+sample more than once per prompt: minirlhf's PPO on 128 distinct prompts × 1 against the same TRL step.
 
 Each step is the trainer's own loop, timed from inside: each side runs in a process of its own
 (spawned, so minirlhf's never imports torch) and stops at the end of every step (minirlhf: the
@@ -88,8 +90,11 @@ class Size:
 SIZES = {s.name: s for s in (Size("2x64", 2, 4, 64, 10),
                              Size("4x256", 4, 4, 256, 6),
                              Size("12x768", 12, 12, 768, 3))}  # GPT-2 small's trunk: its steps take a minute here
-ALGORITHMS = ("grpo", "dpo", "ppo", "rloo")
-TRL_TRAINERS = {"grpo": "GRPOTrainer", "dpo": "DPOTrainer", "ppo": "RLOOTrainer", "rloo": "RLOOTrainer"}
+ALGORITHMS = ("grpo", "dpo", "ppo", "rloo")  # the rows by default; ppo_distinct on request
+TRL_TRAINERS = {"grpo": "GRPOTrainer", "dpo": "DPOTrainer", "ppo": "RLOOTrainer", "rloo": "RLOOTrainer",
+                "ppo_distinct": "RLOOTrainer"}
+LABELS = {"ppo_distinct": "PPO 128×1"}
+PPO_SAMPLES = {"ppo": 2, "ppo_distinct": 1}  # minirlhf's samples per prompt; TRL's side is 64 prompts × 2 in both
 WARMUP = 1        # untimed steps per side: the first builds the trainer (and DPO's reference log-probs)
 CONTEXT = 32
 LR = 1e-6         # small, so that the random policy keeps sampling full-length responses on both sides
@@ -134,7 +139,7 @@ def minirlhf_models(algorithm, size, task, seed=0):
     cfg = gpt_config(size, task)
     policy = GPT(cfg)
     reference = GPT(cfg).load_state_dict(policy.state_dict())
-    if algorithm != "ppo":
+    if algorithm not in PPO_SAMPLES:
         return policy, reference, None
     return with_value_head(policy), reference, RewardModel(cfg)
 
@@ -172,8 +177,9 @@ def minirlhf_train(algorithm, models, task, steps):
                             temperature=1.0, max_new_tokens=env.max_new_tokens)
         return lambda end: train_rloo(policy, reference, env.train_prompts, env.rule_reward(), config, env.eos_id,
                                       env.pad_id, log=lambda metrics: end(), progress=False)
-    config = PPOConfig(steps=steps, lr=LR, prompts_per_step=PROMPTS * GROUP, epochs=1, minibatches=1, beta=BETA_KL,
-                       temperature=1.0, max_new_tokens=env.max_new_tokens)
+    k = PPO_SAMPLES[algorithm]
+    config = PPOConfig(steps=steps, lr=LR, prompts_per_step=PROMPTS * GROUP // k, samples_per_prompt=k, epochs=1,
+                       minibatches=1, beta=BETA_KL, temperature=1.0, max_new_tokens=env.max_new_tokens)
     return lambda end: train_ppo(policy, reference, reward_model, env.train_prompts, config, env.eos_id, env.pad_id,
                                  log=lambda metrics: end(), progress=False)
 
@@ -258,7 +264,7 @@ def trl_settings(algorithm, steps, folder):
                      log_completions=False)
     if algorithm == "grpo":
         return TRLGRPOConfig(**common, **on_policy, num_generations=GROUP, loss_type="grpo", scale_rewards="group")
-    return TRLRLOOConfig(**common, **on_policy, num_generations=2 if algorithm == "ppo" else GROUP)
+    return TRLRLOOConfig(**common, **on_policy, num_generations=2 if algorithm in PPO_SAMPLES else GROUP)
 
 
 def addition_reward(completions, a, b, **columns):
@@ -443,7 +449,7 @@ def table(rows):
         size = SIZES[r["size"]]
         trl_ms = f"{r['trl_median_ms']:,.0f} ms" if "trl_median_ms" in r else "—"
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "—"
-        lines.append(f"| {r['algorithm'].upper()} | {size.label} | {r['minirlhf_median_ms']:,.0f} ms | {trl_ms} | "
+        lines.append(f"| {LABELS.get(r['algorithm'], r['algorithm'].upper())} | {size.label} | {r['minirlhf_median_ms']:,.0f} ms | {trl_ms} | "
                      f"{'`' + r['trl_trainer'] + '`' if 'trl_trainer' in r else '—'} | {ratio} |")
     return "\n".join(lines)
 
@@ -455,6 +461,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None,
                         help="timed steps per side and row (default: "
                         + ", ".join(f"{s.name}: {s.steps}" for s in SIZES.values()) + ")")
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(TRL_TRAINERS),
+                        help="the rows' steps (default: " + " ".join(ALGORITHMS) + "); ppo_distinct: minirlhf's "
+                        "PPO on 128 distinct prompts × 1 against the PPO row's TRL step")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows and the machine to PATH")
     parser.add_argument("--replicas", type=int, default=1, metavar="N",
                         help="run minirlhf's side as N data-parallel threads with one BLAS thread each "
@@ -479,7 +488,7 @@ def main(argv=None):
     rows = []
     for name in args.sizes:
         size = SIZES[name]
-        for algorithm in ALGORITHMS:
+        for algorithm in args.algorithms:
             rows.append(measure(algorithm, size, args.steps or size.steps, replicas=args.replicas))
             r = rows[-1]
             print(f"{algorithm:>4} {size.label:>8}: minirlhf {r['minirlhf_median_ms']:8.0f} ms, "

@@ -27,7 +27,7 @@ def trl_or_skip(vs_trl):
         pytest.skip(f"TRL's side: {missing}")
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "dpo", "ppo", "rloo"])
+@pytest.mark.parametrize("algorithm", ["grpo", "dpo", "ppo", "rloo", "ppo_distinct"])
 def test_minirlhf_side_times_one_step_at_the_tiny_size(vs_trl, algorithm):
     row = vs_trl.measure(algorithm, vs_trl.SIZES["2x64"], steps=1, with_trl=False)
     assert row["algorithm"] == algorithm and (row["n_layer"], row["n_embd"]) == (2, 64)
@@ -37,7 +37,19 @@ def test_minirlhf_side_times_one_step_at_the_tiny_size(vs_trl, algorithm):
     assert "trl_ms" not in row and "ratio" not in row
     lines = vs_trl.table([row]).splitlines()
     assert lines[0].startswith("| step | model | minirlhf | TRL |") and len(lines) == 3
-    assert lines[2].startswith(f"| {algorithm.upper()} | 2L/64d | ") and "—" in lines[2]
+    label = "PPO 128×1" if algorithm == "ppo_distinct" else algorithm.upper()
+    assert lines[2].startswith(f"| {label} | 2L/64d | ") and "—" in lines[2]
+
+
+@pytest.mark.parametrize("algorithm, prompts, samples", [("ppo", 64, 2), ("ppo_distinct", 128, 1)])
+def test_the_ppo_rows_take_128_rollouts_a_step(vs_trl, monkeypatch, algorithm, prompts, samples):
+    """The PPO row samples TRL's batch, 64 prompts × 2; ppo_distinct, 128 distinct prompts × 1."""
+    seen = {}
+    monkeypatch.setattr(vs_trl, "train_ppo", lambda *args, **kwargs: seen.update(config=args[4]))
+    task = vs_trl.addition_task()
+    models = vs_trl.minirlhf_models(algorithm, vs_trl.SIZES["2x64"], task)
+    vs_trl.minirlhf_train(algorithm, models, task, 1)(lambda: None)
+    assert (seen["config"].prompts_per_step, seen["config"].samples_per_prompt) == (prompts, samples)
 
 
 @pytest.mark.parametrize("algorithm", ["dpo", "grpo"])
