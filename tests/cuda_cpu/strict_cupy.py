@@ -300,9 +300,9 @@ _UFUNCS = ("add", "subtract", "multiply", "true_divide", "divide", "power", "mat
            "invert", "bitwise_and", "bitwise_or", "floor_divide", "less", "less_equal", "greater", "greater_equal",
            "equal", "not_equal", "maximum", "minimum", "exp", "expm1", "log", "log1p", "sqrt", "tanh", "sin", "cos",
            "sign", "isfinite")
-_FUNCTIONS = ("arange", "argmax", "ascontiguousarray", "broadcast_to", "clip", "concatenate", "cumsum", "einsum",
-              "empty", "empty_like", "expand_dims", "full", "ix_", "moveaxis", "ones", "ones_like", "repeat", "sort",
-              "split", "squeeze", "stack", "swapaxes", "take_along_axis", "where", "zeros", "zeros_like")
+_FUNCTIONS = ("arange", "argmax", "ascontiguousarray", "broadcast_to", "clip", "concatenate", "cumsum", "empty",
+              "empty_like", "expand_dims", "full", "ix_", "moveaxis", "ones", "ones_like", "repeat", "sort", "split",
+              "squeeze", "stack", "swapaxes", "take_along_axis", "where", "zeros", "zeros_like")
 # the result's size is read back from the device before the result exists (a synchronising copy)
 _SIZE_FROM_DEVICE = ("flatnonzero", "unique", "bincount")
 
