@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import minirlhf  # noqa: E402
 import minirlhf.functional as F  # noqa: E402
 from minirlhf import Tensor  # noqa: E402
-from train_step import SETTLE, blas_threads, cpu_name, settle_for  # noqa: E402  (this script's folder is on sys.path)
+from train_step import SETTLE, blas_thread_count, cpu_name, settle_for  # noqa: E402  (its folder is on sys.path)
 
 B, H, D = 16, 4, 32
 
@@ -76,7 +76,7 @@ def main():
         import torch
     except ImportError:
         torch = None
-    threads, source = blas_threads()
+    threads, source = blas_thread_count()
     if torch is not None:
         torch.set_num_threads(threads)
     settle = settle_for(threads, args.settle)

@@ -25,7 +25,7 @@ import minirlhf  # noqa: E402
 from minirlhf import no_grad  # noqa: E402
 from minirlhf.model import GPT, GPTConfig  # noqa: E402
 from minirlhf.sampling import generate  # noqa: E402
-from train_step import blas_threads  # noqa: E402  (this script's folder is on sys.path)
+from train_step import blas_thread_count  # noqa: E402  (this script's folder is on sys.path)
 
 
 def generate_without_cache(model, ids, steps):
@@ -78,7 +78,7 @@ def main():
     except ImportError:
         print("transformers not installed: skipping its generate")
     else:
-        threads, source = blas_threads()
+        threads, source = blas_thread_count()
         torch.set_num_threads(threads)
         print(f"threads: numpy BLAS {threads} ({source}), torch.set_num_threads({threads})")
         hc = GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import minirlhf.functional as F  # noqa: E402
 from minirlhf.llama import Llama  # noqa: E402
 from minirlhf.sampling import generate  # noqa: E402
-from train_step import blas_threads  # noqa: E402  (this script's folder is on sys.path)
+from train_step import blas_thread_count  # noqa: E402  (this script's folder is on sys.path)
 
 SMOLLM2_135M = dict(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
                     intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
@@ -69,7 +69,7 @@ def main():
     shape = dict(SMOLLM2_135M, num_hidden_layers=2) if args.quick else SMOLLM2_135M
     if args.quick:
         args.runs, args.gen_runs, args.new_tokens = 1, 1, 8
-    threads, source = blas_threads()
+    threads, source = blas_thread_count()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape, bos_token_id=None, eos_token_id=None,

@@ -63,7 +63,10 @@ SETTLE = 0.2  # s of pause before a timed step, with more than one thread (vs_tr
 SETTLE_REPLICAS = 0.02
 
 
-def blas_threads():
+def blas_thread_count():
+    """(threads, where the count comes from): NumPy's BLAS threads as threadpoolctl reads them from the
+    loaded library, else the environment's OPENBLAS_NUM_THREADS or OMP_NUM_THREADS, else the core count.
+    (``minirlhf.backend.blas_threads(n)`` is another thing: it sets a limit.)"""
     try:
         from threadpoolctl import threadpool_info
         counts = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
@@ -264,7 +267,7 @@ def main():
     args = parser.parse_args()
     if args.quick:
         args.runs, args.batch = 3, 4
-    threads, source = blas_threads()
+    threads, source = blas_thread_count()
     if args.breakdown:
         if args.runs < 1:
             parser.error(f"--runs must be at least 1; got {args.runs}")
@@ -333,7 +336,7 @@ def compare(args, threads, source):
     print(f"GPT n_layer=4 n_head=4 n_embd=128 vocab=512, batch {args.batch} x T={args.seq}, float32; "
           f"median of {args.runs} interleaved steps, each after a pause of {args.settle} s")
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores")
-    mine = (f"minirlhf {ranks.size} replicas (threads) of numpy BLAS {blas_threads()[0]} thread" if ranks.size > 1
+    mine = (f"minirlhf {ranks.size} replicas (threads) of numpy BLAS {blas_thread_count()[0]} thread" if ranks.size > 1
             else f"numpy BLAS {threads} ({source})")
     print(f"threads: {mine}, torch.set_num_threads({threads}) (torch sees {torch.get_num_threads()}); "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} "

@@ -71,7 +71,7 @@ from minirlhf.train.dpo import DPOConfig, train_dpo  # noqa: E402
 from minirlhf.train.grpo import GRPOConfig, train_grpo  # noqa: E402
 from minirlhf.train.ppo import PPOConfig, train_ppo, with_value_head  # noqa: E402
 from minirlhf.train.rloo import RLOOConfig, train_rloo  # noqa: E402
-from train_step import SETTLE, cpu_info  # noqa: E402  (benchmarks/, this script's folder: the pause before each turn)
+from train_step import SETTLE, blas_thread_count, cpu_info  # noqa: E402  (benchmarks/, this script's folder: the pause before each turn)
 
 
 @dataclass(frozen=True)
@@ -429,8 +429,7 @@ def machine():
     name, avx512 = cpu_info()
     cores = os.cpu_count()
     info = {"cpu": name, "avx512": avx512, "cores": cores, "numpy": np.__version__,
-            "blas_threads": int(os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
-                                or cores),
+            "blas_threads": blas_thread_count()[0],
             "load_average": list(os.getloadavg())}
     try:
         import torch
