@@ -737,15 +737,15 @@ def test_float_ids_are_rejected_naming_the_op_and_dtype(op, call):
 
 @settings(max_examples=80, deadline=None)
 @given(st.integers(1, 12), st.lists(st.integers(-12, 11), min_size=1, max_size=60),
-       st.sampled_from([(1,), (3,), (8,), (16,), (2, 8), (24,)]), st.integers(0, 2**31 - 1))
-@example(3, [0] * 10 + [2, 1, -1] * 4, (16,), 0)
-@example(3, [1] * 9 + [0], (2, 8), 1)
+       st.sampled_from([(1,), (3,), (16,), (128,), (2, 64), (24,)]), st.integers(0, 2**31 - 1))
+@example(3, [0] * 10 + [2, 1, -1] * 4, (128,), 0)
+@example(3, [1] * 9 + [0], (2, 64), 1)
 @example(2, [-2] * 12 + [1], (24,), 2)
 def test_scatter_add_of_rows_equals_np_add_at(n, index, width, seed):
     """backend.scatter_add along the first axis (the backward of x[rows] and of embeddings) sums repeated
     rows as np.add.at does, through both of its paths (rows repeated at most 8 times, and more), with
-    negative rows meaning rows from the end; float64 rows of 16 (two cache lines) are summed from a copy
-    laid a line further apart, rows of 1, 3, 8 and 24 as they are."""
+    negative rows meaning rows from the end; float64 rows of 128 (1 KB) are summed from a copy laid a
+    cache line further apart, rows of 1, 3, 16 and 24 as they are."""
     rows = np.array([i % n if i >= n else i for i in index], dtype=np.int64)
     rows = np.where(rows < -n, rows % n, rows)
     values = np.random.default_rng(seed).standard_normal((len(rows),) + width)
