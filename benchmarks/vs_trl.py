@@ -71,7 +71,7 @@ from minirlhf.train.dpo import DPOConfig, train_dpo  # noqa: E402
 from minirlhf.train.grpo import GRPOConfig, train_grpo  # noqa: E402
 from minirlhf.train.ppo import PPOConfig, train_ppo, with_value_head  # noqa: E402
 from minirlhf.train.rloo import RLOOConfig, train_rloo  # noqa: E402
-from train_step import SETTLE, blas_thread_count, cpu_info  # noqa: E402  (benchmarks/, this script's folder: the pause before each turn)
+from train_step import SETTLE, blas_thread_count, cpu_info  # noqa: E402  (benchmarks/, this script's folder)
 
 
 @dataclass(frozen=True)
@@ -448,7 +448,8 @@ def table(rows):
         size = SIZES[r["size"]]
         trl_ms = f"{r['trl_median_ms']:,.0f} ms" if "trl_median_ms" in r else "—"
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "—"
-        lines.append(f"| {LABELS.get(r['algorithm'], r['algorithm'].upper())} | {size.label} | {r['minirlhf_median_ms']:,.0f} ms | {trl_ms} | "
+        label = LABELS.get(r["algorithm"], r["algorithm"].upper())
+        lines.append(f"| {label} | {size.label} | {r['minirlhf_median_ms']:,.0f} ms | {trl_ms} | "
                      f"{'`' + r['trl_trainer'] + '`' if 'trl_trainer' in r else '—'} | {ratio} |")
     return "\n".join(lines)
 
