@@ -9,9 +9,9 @@ torch.set_num_threads is set to the number of threads NumPy's BLAS uses (threadp
 when installed, else OPENBLAS_NUM_THREADS / OMP_NUM_THREADS, else the core count).
 
 With more than one thread, the script sleeps ``--settle`` seconds (``SETTLE`` by default, none with one
-thread, ``SETTLE_REPLICAS`` with ``--replicas``) before every timed step, so that the other library's idle workers have stopped spinning: after a
-matrix product OpenBLAS's workers busy-wait for about 0.1 s (2^28 cycles) before they sleep, and torch's
-OpenMP workers briefly after a parallel region. Without the pause each library's step runs beside the
+thread, ``SETTLE_REPLICAS`` with ``--replicas``) before every timed step, so that the other library's idle
+workers have stopped spinning: after a matrix product OpenBLAS's workers busy-wait for about 0.1 s (2^28
+cycles) before they sleep, and torch's OpenMP workers briefly after a parallel region. Without the pause each library's step runs beside the
 other's spinning workers: on the project's 2-core machine, with two threads, torch's step took
 256–286 ms instead of 217–224 ms and minirlhf's 205–216 ms instead of 190–201 ms (two runs of each, one
 after the other), which made minirlhf look faster than it is (0.76x instead of 0.89x). In a real training
@@ -336,8 +336,8 @@ def compare(args, threads, source):
     print(f"GPT n_layer=4 n_head=4 n_embd=128 vocab=512, batch {args.batch} x T={args.seq}, float32; "
           f"median of {args.runs} interleaved steps, each after a pause of {args.settle} s")
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores")
-    mine = (f"minirlhf {ranks.size} replicas (threads) of numpy BLAS {blas_thread_count()[0]} thread" if ranks.size > 1
-            else f"numpy BLAS {threads} ({source})")
+    mine = (f"minirlhf {ranks.size} replicas (threads) of numpy BLAS {blas_thread_count()[0]} thread"
+            if ranks.size > 1 else f"numpy BLAS {threads} ({source})")
     print(f"threads: {mine}, torch.set_num_threads({threads}) (torch sees {torch.get_num_threads()}); "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} "
           f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '(unset)')}")

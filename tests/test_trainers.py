@@ -125,7 +125,6 @@ def test_ppo_with_two_samples_per_prompt_computes_each_prompt_once_and_exactly(m
     def run():
         reference = tiny_gpt().to(np.float64)
         policy = with_value_head(reference).to(np.float64)
-        minirlhf.manual_seed(1)
         reward_model = RewardModel.from_gpt(tiny_gpt(1)).to(np.float64)
         cfg = PPOConfig(steps=2, lr=1e-2, prompts_per_step=3, samples_per_prompt=2, epochs=2,
                         minibatches=minibatches, max_new_tokens=3, beta=0.05)
