@@ -12,10 +12,10 @@ With more than one thread, the script sleeps ``--settle`` seconds (``SETTLE`` by
 thread, ``SETTLE_REPLICAS`` with ``--replicas``) before every timed step, so that the other library's idle
 workers have stopped spinning: after a matrix product OpenBLAS's workers busy-wait for about 0.1 s (2^28
 cycles) before they sleep, and torch's OpenMP workers briefly after a parallel region. Without the pause
-each library's step runs beside the other's spinning workers: on the project's 2-core machine, with two threads, torch's step took
-256–286 ms instead of 217–224 ms and minirlhf's 205–216 ms instead of 190–201 ms (two runs of each, one
-after the other), which made minirlhf look faster than it is (0.76x instead of 0.89x). In a real training
-loop a library's steps follow each other, and only its own workers spin.
+each library's step runs beside the other's spinning workers: on the project's 2-core machine, with two
+threads, torch's step took 256–286 ms instead of 217–224 ms and minirlhf's 205–216 ms instead of 190–201
+ms (two runs of each, one after the other), which made minirlhf look faster than it is (0.76x instead of
+0.89x). In a real training loop a library's steps follow each other, and only its own workers spin.
 
 With ``--replicas N`` minirlhf's step runs as N data-parallel threads of one BLAS thread each
 (``minirlhf.distributed.replicas``), each on batch/N rows, the gradients summed: the whole batch's step.
