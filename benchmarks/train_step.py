@@ -27,11 +27,19 @@ training loop, whose steps follow each other, never sees.
 
     python benchmarks/train_step.py [--runs 15] [--settle 0.2] [--replicas N] [--quick] [--profile]
     python benchmarks/train_step.py --breakdown [--runs 15]
+    python benchmarks/train_step.py --floor [--runs 15]
 
 ``--breakdown`` times minirlhf's step alone (no torch in the process; freed memory kept for reuse, as
 the ``minirlhf`` command does) and where it goes: the linear layers, attention, GELU and layer norm,
 each timed in place, forward and backward, and the rest of the step (the autograd engine, AdamW,
 cross-entropy, the embeddings and the reshapes between ops).
+
+``--floor`` asks how far the step could go with faster attention, GELU and layer norm. It times, steps
+alternating: minirlhf's step; the same step with those three ops costing nothing (each passes its input
+through, attention passes v: the floor, what the linear layers, the embeddings, the loss, AdamW and the
+engine take); PyTorch's step; and PyTorch's own kernels for the three ops on the step's shapes, forward and
+backward (``scaled_dot_product_attention``, a fused tanh GELU, ``layer_norm``). The floor plus PyTorch's
+kernels is the step minirlhf would take with kernels as fast as PyTorch's for those ops.
 
 OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are set on some of this project's machines (older OpenBLAS
 builds misbehave on their CPUs) and can slow NumPy's matrix products; the script prints them. To
@@ -40,6 +48,7 @@ measure without them, unset both for that one command:
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/train_step.py
 """
 import argparse
+import contextlib
 import cProfile
 import os
 import pstats
@@ -57,6 +66,7 @@ import minirlhf.functional as F  # noqa: E402
 from minirlhf.distributed import replicas, share, world  # noqa: E402
 from minirlhf.model import GPT, GPTConfig  # noqa: E402
 from minirlhf.optim import AdamW  # noqa: E402
+from minirlhf.tensor import Tensor  # noqa: E402
 
 SETTLE = 0.2  # s of pause before a timed step, with more than one thread (vs_trl.py pauses as long between turns)
 # with replicas minirlhf has no BLAS workers that spin, and torch's OpenMP workers stop within this
@@ -186,6 +196,57 @@ def breakdown(step, runs):
     return {name: t / runs * 1e3 for name, t in spent.items()}, total / runs * 1e3
 
 
+FLOOR_OPS = ("scaled_dot_product_attention", "gelu", "layer_norm")
+
+
+def _passed_through(x, *args, **kwargs):
+    """x as it is, gradient g → g: GELU or layer norm costing nothing (``--floor``)."""
+    return Tensor._from_op(x.data, (x,), lambda g: (g,), "passed through")
+
+
+def _v_passed_through(q, k, v, **kwargs):
+    """v as it is, gradient g → g to v alone: attention costing nothing (``--floor``)."""
+    return Tensor._from_op(v.data, (q, k, v), lambda g: (None, None, g), "passed through")
+
+
+@contextlib.contextmanager
+def without_ops():
+    """While the block runs, ``minirlhf.functional``'s attention, GELU and layer norm pass their input
+    through; put back afterwards, also when the block fails."""
+    originals = {name: getattr(F, name) for name in FLOOR_OPS}
+    F.scaled_dot_product_attention, F.gelu, F.layer_norm = _v_passed_through, _passed_through, _passed_through
+    try:
+        yield
+    finally:
+        for name, op in originals.items():
+            setattr(F, name, op)
+
+
+def torch_kernels(cfg, batch, seq):
+    """``run()``: PyTorch's own attention, fused tanh GELU and layer norm, forward and backward, on the step's
+    shapes and as many times as the step runs each (n_layer attentions and GELUs, 2·n_layer + 1 layer norms).
+    Gradients come from ``torch.autograd.grad`` with a given output gradient: nothing accumulates."""
+    import torch
+    gen = torch.Generator().manual_seed(0)
+    C, H = cfg.n_embd, cfg.n_head
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=gen, requires_grad=True)
+
+    q, k, v = (leaf(batch, H, seq, C // H) for _ in range(3))
+    h, x, w, b = leaf(batch, seq, 4 * C), leaf(batch, seq, C), leaf(C), leaf(C)
+    dq, dh, dx = (torch.randn(a.shape, generator=gen) for a in (q, h, x))
+
+    def run():
+        for _ in range(cfg.n_layer):
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            torch.autograd.grad(out, (q, k, v), dq)
+            torch.autograd.grad(torch.nn.functional.gelu(h, approximate="tanh"), h, dh)
+        for _ in range(2 * cfg.n_layer + 1):
+            torch.autograd.grad(torch.nn.functional.layer_norm(x, (C,), w, b), (x, w, b), dx)
+    return run
+
+
 def torch_model(cfg, state):
     """GPT2LMHeadModel from transformers (or a plain torch GPT-2 if it is missing), loaded with ``state``."""
     import torch
@@ -203,6 +264,23 @@ def torch_model(cfg, state):
     model.load_state_dict(hf_state, strict=False)
     model.tie_weights()
     return model, "transformers GPT2LMHeadModel"
+
+
+def torch_step(cfg, model, ids):
+    """(step, name): ``step()`` trains PyTorch's copy of ``model`` (``torch_model``) with AdamW on the token ids
+    ``ids`` and returns the loss."""
+    import torch
+    tmodel, name = torch_model(cfg, {k: v.copy() for k, v in model.state_dict().items()})
+    opt = torch.optim.AdamW(tmodel.parameters(), lr=1e-4)
+    tids = torch.from_numpy(ids)
+
+    def step():
+        loss = tmodel(tids, labels=tids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.item()
+    return step, name
 
 
 def _plain_torch_gpt(cfg, state):
@@ -260,6 +338,9 @@ def main():
                         help="minirlhf's step as N data-parallel threads of one BLAS thread each "
                              "(minirlhf.distributed.replicas), each on batch/N rows; default 1")
     parser.add_argument("--quick", action="store_true", help="3 timed steps of batch 4 (a smoke run)")
+    parser.add_argument("--floor", action="store_true",
+                        help="time minirlhf's step with attention, GELU and layer norm costing nothing, beside "
+                             "PyTorch's step and PyTorch's kernels for those ops")
     parser.add_argument("--profile", action="store_true", help="cProfile 5 minirlhf steps and print the top")
     parser.add_argument("--breakdown", action="store_true",
                         help="time minirlhf's step alone, and in place its linear layers, attention, GELU and "
@@ -279,6 +360,10 @@ def main():
         parser.error(f"--runs must be at least 1 and --settle at least 0 seconds; got {args.runs} and {args.settle}")
     if args.replicas < 1 or args.replicas > args.batch:
         parser.error(f"--replicas must be between 1 and --batch ({args.batch}); got {args.replicas}")
+    if args.floor:
+        if args.replicas > 1 or args.profile:
+            parser.error("--floor runs one process without --profile; drop --replicas / --profile")
+        return print_floor(args, threads, source)
     if args.replicas > 1:
         # minirlhf's side as replica threads of one BLAS thread each; torch's steps run in replica 0's
         # thread while the other replicas wait (asleep) at a barrier. Freed memory is kept, as the minirlhf
@@ -305,17 +390,7 @@ def compare(args, threads, source):
         ranks.barrier()
         return ours()
 
-    tmodel, tname = torch_model(cfg, {k: v.copy() for k, v in model.state_dict().items()})
-    topt = torch.optim.AdamW(tmodel.parameters(), lr=1e-4)
-    tids = torch.from_numpy(ids)
-
-    def theirs():
-        loss = tmodel(tids, labels=tids).loss
-        loss.backward()
-        topt.step()
-        topt.zero_grad()
-        return loss.item()
-
+    theirs, tname = torch_step(cfg, model, ids)
     l0, t0 = ours_together(), theirs()  # warm-up; the losses agree since the weights do
     if args.profile:
         prof = cProfile.Profile()
@@ -347,6 +422,42 @@ def compare(args, threads, source):
     print(f"{label:<40} {ours_t * 1e3:>10.1f}")
     print(f"{tname + ' (torch ' + torch.__version__ + ')':<40} {torch_t * 1e3:>10.1f}")
     print(f"ratio minirlhf / torch: {ours_t / torch_t:.2f}x")
+
+
+def print_floor(args, threads, source):
+    """``--floor``: four turns alternating, each after the pause, medians; see the module docstring."""
+    import torch
+    cfg, model, ids, ours = minirlhf_step(args.batch, args.seq)
+    floor_step = minirlhf_step(args.batch, args.seq)[-1]  # a model of its own, which the floor's steps train
+    theirs, tname = torch_step(cfg, model, ids)
+
+    def floor():
+        with without_ops():
+            return floor_step()
+
+    turns = {"minirlhf step": ours, "minirlhf floor: attention, GELU, layer norm passed through": floor,
+             "PyTorch's attention, GELU (fused tanh), layer norm": torch_kernels(cfg, args.batch, args.seq),
+             f"PyTorch step ({tname})": theirs}
+    for f in turns.values():  # warm-up
+        f()
+    times = {name: [] for name in turns}
+    for _ in range(args.runs):
+        for name, f in turns.items():
+            time.sleep(args.settle)
+            start = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - start)
+    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    step, floor_ms, kernels, torch_ms = ms.values()
+    ms["floor + PyTorch's kernels for the three ops"] = floor_ms + kernels
+    print(f"GPT n_layer={cfg.n_layer} n_head={cfg.n_head} n_embd={cfg.n_embd} vocab={cfg.vocab_size}, batch "
+          f"{args.batch} x T={args.seq}, float32; median of {args.runs} turns of each, alternating, each after a "
+          f"pause of {args.settle} s")
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; numpy BLAS threads {threads} ({source}), "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"{'':<60} {'ms':>8} {'x torch step':>13}")
+    for name, t in ms.items():
+        print(f"{name:<60} {t:>8.1f} {t / torch_ms:>12.2f}x")
 
 
 def print_breakdown(args, threads, source):

@@ -78,3 +78,55 @@ def test_the_replicated_step_is_the_whole_batchs_step(train_step):
     _, start, _, _ = train_step.minirlhf_step(batch=4, seq=16)
     moved = max(float(np.abs(one[k] - start.state_dict()[k]).max()) for k in one)
     assert moved > 1.5e-4  # two steps moved the weights, so agreeing means something
+
+
+def test_without_ops_passes_the_input_through_and_puts_the_ops_back(train_step):
+    """--floor: inside ``without_ops`` GELU and layer norm give x and attention gives v, each with the
+    output's gradient as their input's; outside, and after a failure, the real ops are back."""
+    originals = {name: getattr(F, name) for name in train_step.FLOOR_OPS}
+    rng = np.random.default_rng(1)
+    q, k, v = (Tensor(rng.standard_normal((2, 3, 4)), requires_grad=True) for _ in range(3))
+    ln_weight = Tensor(rng.standard_normal(4), requires_grad=True)
+    g = rng.standard_normal((2, 3, 4)).astype(v.dtype)
+    with train_step.without_ops():
+        y = F.layer_norm(F.gelu(F.scaled_dot_product_attention(q, k, v, is_causal=True)), (4,), ln_weight)
+        np.testing.assert_array_equal(y.data, v.data)
+        (y * Tensor(g)).sum().backward()
+    np.testing.assert_array_equal(v.grad, g)
+    assert q.grad is None and k.grad is None and ln_weight.grad is None
+    assert {name: getattr(F, name) for name in train_step.FLOOR_OPS} == originals
+    with pytest.raises(RuntimeError, match="step failed"), train_step.without_ops():
+        raise RuntimeError("step failed")
+    assert {name: getattr(F, name) for name in train_step.FLOOR_OPS} == originals
+    assert not np.array_equal(F.gelu(q).data, q.data)
+
+
+def test_the_floor_step_trains_the_gpt_without_the_three_ops(train_step):
+    """The floor's step runs the benchmark's GPT with the three ops passed through, and still moves every
+    weight the linear layers and embeddings hold."""
+    _, model, _, step = train_step.minirlhf_step(batch=2, seq=8)
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    with train_step.without_ops():
+        loss = step()
+    assert np.isfinite(loss)
+    after = model.state_dict()
+    for name in ("h.0.attn.c_attn.weight", "h.0.mlp.c_fc.weight", "wte.weight"):
+        assert not np.array_equal(after[name], before[name]), name
+
+
+def test_torch_kernels_run_the_three_ops_on_the_steps_shapes(train_step):
+    torch = pytest.importorskip("torch")
+    cfg, _, _, _ = train_step.minirlhf_step(batch=2, seq=8)
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = counted
+    try:
+        train_step.torch_kernels(cfg, 2, 8)()
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real
+    assert calls == [(2, cfg.n_head, 8, cfg.n_embd // cfg.n_head)] * cfg.n_layer
