@@ -375,6 +375,19 @@ def main():
         compare(args, threads, source)
 
 
+def alternating(turns, runs, settle):
+    """{name: median seconds}: ``runs`` rounds, each calling every turn of ``turns`` ({name: f}) once in
+    order, each after a pause of ``settle`` seconds."""
+    times = {name: [] for name in turns}
+    for _ in range(runs):
+        for name, f in turns.items():
+            time.sleep(settle)
+            start = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def compare(args, threads, source):
     """The side-by-side run: alternating steps, medians, the ratio (on replica 0 with --replicas)."""
     import torch
@@ -399,14 +412,7 @@ def compare(args, threads, source):
             ours_together()
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-    times = {"minirlhf": [], "torch": []}
-    for _ in range(args.runs):
-        for name, f in (("minirlhf", ours_together), ("torch", theirs)):
-            time.sleep(args.settle)
-            start = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - start)
-    ours_t, torch_t = statistics.median(times["minirlhf"]), statistics.median(times["torch"])
+    ours_t, torch_t = alternating({"minirlhf": ours_together, "torch": theirs}, args.runs, args.settle).values()
 
     print(f"GPT n_layer=4 n_head=4 n_embd=128 vocab=512, batch {args.batch} x T={args.seq}, float32; "
           f"median of {args.runs} interleaved steps, each after a pause of {args.settle} s")
@@ -440,15 +446,8 @@ def print_floor(args, threads, source):
              f"PyTorch step ({tname})": theirs}
     for f in turns.values():  # warm-up
         f()
-    times = {name: [] for name in turns}
-    for _ in range(args.runs):
-        for name, f in turns.items():
-            time.sleep(args.settle)
-            start = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - start)
-    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-    step, floor_ms, kernels, torch_ms = ms.values()
+    ms = {name: t * 1e3 for name, t in alternating(turns, args.runs, args.settle).items()}
+    _, floor_ms, kernels, torch_ms = ms.values()
     ms["floor + PyTorch's kernels for the three ops"] = floor_ms + kernels
     print(f"GPT n_layer={cfg.n_layer} n_head={cfg.n_head} n_embd={cfg.n_embd} vocab={cfg.vocab_size}, batch "
           f"{args.batch} x T={args.seq}, float32; median of {args.runs} turns of each, alternating, each after a "
