@@ -342,14 +342,14 @@ def side_process(conn, side, algorithm, size_name, steps, replicas=1):
         if side == "minirlhf":
             minirlhf.backend.keep_freed_memory()  # as the minirlhf command does; TRL's side keeps glibc's defaults
         task = addition_task()
-        models = minirlhf_models(algorithm, SIZES[size_name], task)
+        size = SIZES[size_name]
         with tempfile.TemporaryDirectory() as folder:
-            if side == "trl":
-                train = trl_train(algorithm, models, task, steps, folder)
-            elif replicas > 1:
-                train = minirlhf_replicas(algorithm, SIZES[size_name], task, steps, replicas)
+            if side == "trl":  # TRL's model loads minirlhf's weights
+                train = trl_train(algorithm, minirlhf_models(algorithm, size, task), task, steps, folder)
+            elif replicas > 1:  # each replica builds its own models
+                train = minirlhf_replicas(algorithm, size, task, steps, replicas)
             else:
-                train = minirlhf_train(algorithm, models, task, steps)
+                train = minirlhf_train(algorithm, minirlhf_models(algorithm, size, task), task, steps)
             clock = StepClock(conn)
             conn.send(("ready", task.vocab_size))
             clock.wait_for_go()
